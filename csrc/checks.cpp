@@ -1,0 +1,181 @@
+// Argument checks shared by the CPU and CUDA backends. They look only at
+// metadata (shape, dtype, device), never at data, and run before any kernel.
+#include "dispatch.h"
+
+#include <c10/util/Exception.h>
+
+namespace lora_ext {
+namespace {
+
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+void check_float(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " must be a tensor, got None");
+  TORCH_CHECK(is_supported_float(t.scalar_type()), op, ": ", name,
+              " must be float32, float16 or bfloat16, got ", t.scalar_type());
+}
+
+void check_dim(const at::Tensor& t, int64_t dim, const char* op, const char* name,
+               const char* layout) {
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D ", layout, ", got shape ",
+              t.sizes());
+}
+
+void check_size(const at::Tensor& t, int64_t d, int64_t expected, const char* op,
+                const char* name, const char* what) {
+  TORCH_CHECK(t.size(d) == expected, op, ": ", name, ".size(", d, ") (", what,
+              ") must be ", expected, ", got ", t.size(d), " (shape ", t.sizes(), ")");
+}
+
+void check_same_dtype(const at::Tensor& ref, const char* ref_name, const at::Tensor& t,
+                      const char* op, const char* name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ",
+              t.scalar_type(), " but ", ref_name, " has dtype ", ref.scalar_type(),
+              "; all float tensors of one call must share a dtype");
+}
+
+void check_same_device(const at::Tensor& ref, const char* ref_name, const at::Tensor& t,
+                       const char* op, const char* name) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ",
+              ref_name, " is on ", ref.device(), "; all tensors must be on one device");
+}
+
+void check_index_dtype(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, op, ": ", name,
+              " must be int32 or int64, got ", t.scalar_type());
+}
+
+}  // namespace
+
+void check_lora_linear_args(const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                            const at::Tensor& lora_b) {
+  constexpr const char* op = "lora_linear";
+  check_float(x, op, "x");
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have shape [..., in], got a 0-D tensor");
+  check_float(weight, op, "weight");
+  check_float(lora_a, op, "lora_a");
+  check_float(lora_b, op, "lora_b");
+  check_dim(weight, 2, op, "weight", "[out, in]");
+  check_dim(lora_a, 2, op, "lora_a", "[r, in]");
+  check_dim(lora_b, 2, op, "lora_b", "[out, r]");
+  const int64_t in = weight.size(1), out = weight.size(0);
+  TORCH_CHECK(x.size(-1) == in, op, ": x.size(-1) (in) must equal weight.size(1) = ", in,
+              ", got ", x.size(-1), " (x shape ", x.sizes(), ")");
+  check_size(lora_a, 1, in, op, "lora_a", "in");
+  check_size(lora_b, 0, out, op, "lora_b", "out");
+  check_size(lora_b, 1, lora_a.size(0), op, "lora_b", "r, from lora_a.size(0)");
+  TORCH_CHECK(lora_a.size(0) >= 1, op, ": rank lora_a.size(0) must be >= 1, got ",
+              lora_a.size(0));
+  for (auto [t, name] : {std::pair{&weight, "weight"}, {&lora_a, "lora_a"}, {&lora_b, "lora_b"}}) {
+    check_same_dtype(x, "x", *t, op, name);
+    check_same_device(x, "x", *t, op, name);
+  }
+  if (bias.has_value() && bias->defined()) {
+    check_float(*bias, op, "bias");
+    check_dim(*bias, 1, op, "bias", "[out]");
+    check_size(*bias, 0, out, op, "bias", "out");
+    check_same_dtype(x, "x", *bias, op, "bias");
+    check_same_device(x, "x", *bias, op, "bias");
+  }
+}
+
+void check_lora_linear_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
+                                     const at::Tensor& weight, const at::Tensor& lora_a,
+                                     const at::Tensor& lora_b) {
+  check_lora_linear_args(x, weight, std::nullopt, lora_a, lora_b);
+  constexpr const char* op = "lora_linear_backward";
+  check_float(grad_out, op, "grad_out");
+  check_same_dtype(x, "x", grad_out, op, "grad_out");
+  check_same_device(x, "x", grad_out, op, "grad_out");
+  auto expected = x.sizes().vec();
+  expected.back() = weight.size(0);
+  TORCH_CHECK(grad_out.sizes().vec() == expected, op, ": grad_out must have shape ",
+              at::IntArrayRef(expected), ", got ", grad_out.sizes());
+}
+
+void check_multi_lora_args(const at::Tensor& x, const at::Tensor& a_stack,
+                           const at::Tensor& b_stack, const at::Tensor& indices,
+                           const at::Tensor& scales, const std::optional<at::Tensor>& ranks,
+                           const std::optional<at::Tensor>& base) {
+  constexpr const char* op = "multi_lora";
+  check_float(x, op, "x");
+  check_float(a_stack, op, "a_stack");
+  check_float(b_stack, op, "b_stack");
+  check_dim(x, 2, op, "x", "[T, in]");
+  check_dim(a_stack, 3, op, "a_stack", "[N, R, in]");
+  check_dim(b_stack, 3, op, "b_stack", "[N, out, R]");
+  const int64_t T = x.size(0), in = x.size(1);
+  const int64_t N = a_stack.size(0), R = a_stack.size(1);
+  check_size(a_stack, 2, in, op, "a_stack", "in, from x.size(1)");
+  check_size(b_stack, 0, N, op, "b_stack", "N, from a_stack.size(0)");
+  check_size(b_stack, 2, R, op, "b_stack", "R, from a_stack.size(1)");
+  TORCH_CHECK(R >= 1, op, ": a_stack.size(1) (max rank R) must be >= 1, got ", R);
+  check_same_dtype(x, "x", a_stack, op, "a_stack");
+  check_same_dtype(x, "x", b_stack, op, "b_stack");
+  check_same_device(x, "x", a_stack, op, "a_stack");
+  check_same_device(x, "x", b_stack, op, "b_stack");
+
+  check_index_dtype(indices, op, "indices");
+  check_dim(indices, 1, op, "indices", "[T]");
+  check_size(indices, 0, T, op, "indices", "T, from x.size(0)");
+  check_same_device(x, "x", indices, op, "indices");
+
+  TORCH_CHECK(at::isFloatingType(scales.scalar_type()), op,
+              ": scales must be a floating-point tensor, got ", scales.scalar_type());
+  check_dim(scales, 1, op, "scales", "[N]");
+  check_size(scales, 0, N, op, "scales", "N, from a_stack.size(0)");
+  check_same_device(x, "x", scales, op, "scales");
+
+  if (ranks.has_value() && ranks->defined()) {
+    check_index_dtype(*ranks, op, "ranks");
+    check_dim(*ranks, 1, op, "ranks", "[N]");
+    check_size(*ranks, 0, N, op, "ranks", "N, from a_stack.size(0)");
+    check_same_device(x, "x", *ranks, op, "ranks");
+  }
+  if (base.has_value() && base->defined()) {
+    check_float(*base, op, "base");
+    check_dim(*base, 2, op, "base", "[T, out]");
+    check_size(*base, 0, T, op, "base", "T, from x.size(0)");
+    check_size(*base, 1, b_stack.size(1), op, "base", "out, from b_stack.size(1)");
+    check_same_dtype(x, "x", *base, op, "base");
+    check_same_device(x, "x", *base, op, "base");
+  }
+}
+
+void check_merge_args(const at::Tensor& weight, const at::Tensor& lora_a,
+                      const at::Tensor& lora_b) {
+  constexpr const char* op = "merge_/unmerge_";
+  check_float(weight, op, "weight");
+  check_float(lora_a, op, "lora_a");
+  check_float(lora_b, op, "lora_b");
+  check_dim(weight, 2, op, "weight", "[out, in]");
+  check_dim(lora_a, 2, op, "lora_a", "[r, in]");
+  check_dim(lora_b, 2, op, "lora_b", "[out, r]");
+  check_size(lora_a, 1, weight.size(1), op, "lora_a", "in, from weight.size(1)");
+  check_size(lora_b, 0, weight.size(0), op, "lora_b", "out, from weight.size(0)");
+  check_size(lora_b, 1, lora_a.size(0), op, "lora_b", "r, from lora_a.size(0)");
+  TORCH_CHECK(lora_a.size(0) >= 1, op, ": rank lora_a.size(0) must be >= 1, got ",
+              lora_a.size(0));
+  check_same_dtype(weight, "weight", lora_a, op, "lora_a");
+  check_same_dtype(weight, "weight", lora_b, op, "lora_b");
+  check_same_device(weight, "weight", lora_a, op, "lora_a");
+  check_same_device(weight, "weight", lora_b, op, "lora_b");
+  TORCH_CHECK(weight.is_contiguous(), op,
+              ": weight must be contiguous (it is updated in place), got strides ",
+              weight.strides());
+}
+
+void check_merge_residual(const at::Tensor& weight, const at::Tensor& residual) {
+  constexpr const char* op = "merge_exact_/unmerge_exact_";
+  TORCH_CHECK(residual.scalar_type() == at::kChar, op, ": residual must be int8, got ",
+              residual.scalar_type());
+  TORCH_CHECK(residual.sizes() == weight.sizes(), op, ": residual must have weight's shape ",
+              weight.sizes(), ", got ", residual.sizes());
+  TORCH_CHECK(residual.is_contiguous(), op, ": residual must be contiguous");
+  check_same_device(weight, "weight", residual, op, "residual");
+}
+
+}  // namespace lora_ext

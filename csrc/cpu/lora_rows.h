@@ -1,0 +1,48 @@
+// The grouped LoRA forward shared by multi_lora (many adapters) and lora_linear
+// (one adapter over every row).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace lora_ext::cpu {
+
+// Rows of a batch grouped by adapter (a stable counting sort, O(T + N)).
+struct AdapterGroups {
+  std::vector<int64_t> order;    // row ids, adapter by adapter
+  std::vector<int64_t> adapter;  // adapter id of each group
+  std::vector<int64_t> offset;   // group g is order[offset[g] .. offset[g + 1])
+  std::vector<int64_t> skipped;  // rows with index -1
+
+  int64_t size() const { return static_cast<int64_t>(adapter.size()); }
+};
+
+// Groups rows by indices (int32/int64, on the CPU); raises if a value is outside [-1, N).
+AdapterGroups group_rows(const at::Tensor& indices, int64_t num_adapters);
+// Every row in one group using adapter 0.
+AdapterGroups single_group(int64_t num_rows);
+
+// y[t] = base[t] + scales[i] * B_i[:, :ranks[i]] @ (A_i[:ranks[i]] @ x[t]) for the
+// rows of each group (i its adapter), y[t] = base[t] (or 0) for skipped rows.
+template <typename T>
+struct RowsProblem {
+  const T* x;          // [T, in]
+  int64_t in;
+  const T* a;          // adapter i's A rows at a + i * a_stride, row stride in
+  int64_t a_stride;
+  const T* b;          // adapter i's B at b + i * b_stride, row stride ldb
+  int64_t b_stride;
+  int64_t ldb;
+  int64_t out;
+  const float* scales; // [N]
+  const int64_t* ranks;  // [N]
+  const T* base;       // [T, out] or null; may equal y
+  T* y;                // [T, out]
+};
+
+template <typename T>
+void lora_rows_forward(const RowsProblem<T>& p, const AdapterGroups& groups);
+
+}  // namespace lora_ext::cpu

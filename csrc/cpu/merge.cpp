@@ -1,0 +1,150 @@
+// CPU merge_/unmerge_ (and their bit-exact variants): one pass over weight,
+// rows split across threads, scale * B @ A computed on the fly in fp32 from
+// A and B converted to fp32 once (they are small: r x in and out x r).
+//
+// Exact round trip: merge_exact_ stores w' = round(w + d) and, per element, the
+// int8 c = ord(w) - ord(round(w' - d)) (ord: the float's position on the number
+// line). unmerge_exact_ recomputes the same d, and ord(round(w' - d)) + c gives w
+// back exactly. The rare elements where |c| > 127 (|w| far below |d|) are
+// returned with their original values instead.
+#include "cpu/microkernels.h"
+#include "dispatch.h"
+#include "ops.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+namespace lora_ext::cpu {
+namespace {
+
+// Rows per task: enough to amortise packing, small enough to balance the cores.
+constexpr int64_t kMergeRows = 16;
+
+template <typename T>
+int64_t merge_pass(at::Tensor& weight, const at::Tensor& a32, const at::Tensor& b32, float scale,
+                   MergeMode mode, int8_t* residual, std::vector<int64_t>* overflow_index,
+                   std::vector<T>* overflow_value) {
+  const MicroKernels<T>& mk = micro_kernels<T>();
+  const int64_t rows = weight.size(0), in = weight.size(1), rank = a32.size(0);
+  T* w = weight.mutable_data_ptr<T>();
+  const float* a = a32.const_data_ptr<float>();
+  const float* b = b32.const_data_ptr<float>();
+  const int64_t num_tasks = (rows + kMergeRows - 1) / kMergeRows;
+  const bool collect = mode == MergeMode::kExactMerge;
+  std::vector<std::vector<int64_t>> idx_per_thread(collect ? at::get_num_threads() : 0);
+  std::vector<std::vector<T>> val_per_thread(collect ? at::get_num_threads() : 0);
+  at::parallel_for(0, num_tasks, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<int64_t> off_buf(collect ? kMergeRows * in : 0);
+    std::vector<T> val_buf(collect ? kMergeRows * in : 0);
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t r0 = task * kMergeRows, n = std::min(kMergeRows, rows - r0);
+      const int64_t found =
+          mk.merge_tile(w + r0 * in, residual ? residual + r0 * in : nullptr, n, in, a,
+                        b + r0 * rank, rank, scale, mode, off_buf.data(), val_buf.data());
+      if (found > 0) {
+        auto& idx = idx_per_thread[at::get_thread_num()];
+        auto& val = val_per_thread[at::get_thread_num()];
+        for (int64_t k = 0; k < found; ++k) {
+          idx.push_back(r0 * in + off_buf[k]);
+          val.push_back(val_buf[k]);
+        }
+      }
+    }
+  });
+  int64_t total = 0;
+  for (size_t t = 0; t < idx_per_thread.size(); ++t) {
+    overflow_index->insert(overflow_index->end(), idx_per_thread[t].begin(), idx_per_thread[t].end());
+    overflow_value->insert(overflow_value->end(), val_per_thread[t].begin(), val_per_thread[t].end());
+    total += static_cast<int64_t>(idx_per_thread[t].size());
+  }
+  return total;
+}
+
+// Runs one pass; returns (overflow_index, overflow_values), empty unless kExactMerge.
+std::tuple<at::Tensor, at::Tensor> run_merge(at::Tensor& weight, const at::Tensor& lora_a,
+                                             const at::Tensor& lora_b, double scale,
+                                             MergeMode mode, int8_t* residual) {
+  const at::Tensor a32 = lora_a.to(at::kFloat).contiguous();
+  const at::Tensor b32 = lora_b.to(at::kFloat).contiguous();
+  at::Tensor index, values;
+  LORA_EXT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "merge_", [&] {
+    std::vector<int64_t> idx;
+    std::vector<scalar_t> val;
+    const int64_t n = merge_pass<scalar_t>(weight, a32, b32, static_cast<float>(scale), mode,
+                                           residual, &idx, &val);
+    index = at::empty({n}, weight.options().dtype(at::kLong));
+    values = at::empty({n}, weight.options());
+    if (n > 0) {
+      // Thread order is arbitrary: sort by index so results are reproducible.
+      const at::Tensor i_unsorted = at::from_blob(idx.data(), {n}, index.options());
+      const at::Tensor v_unsorted = at::from_blob(val.data(), {n}, values.options());
+      const at::Tensor perm = i_unsorted.argsort();
+      index.copy_(i_unsorted.index_select(0, perm));
+      values.copy_(v_unsorted.index_select(0, perm));
+    }
+  });
+  return {index, values};
+}
+
+}  // namespace
+
+void merge_(at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
+            double scale) {
+  check_merge_args(weight, lora_a, lora_b);
+  run_merge(weight, lora_a, lora_b, scale, MergeMode::kAdd, nullptr);
+}
+
+void unmerge_(at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
+              double scale) {
+  check_merge_args(weight, lora_a, lora_b);
+  run_merge(weight, lora_a, lora_b, -scale, MergeMode::kAdd, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor> merge_exact_(at::Tensor& weight, const at::Tensor& lora_a,
+                                                const at::Tensor& lora_b, double scale,
+                                                at::Tensor& residual) {
+  check_merge_args(weight, lora_a, lora_b);
+  check_merge_residual(weight, residual);
+  return run_merge(weight, lora_a, lora_b, scale, MergeMode::kExactMerge,
+                   residual.mutable_data_ptr<int8_t>());
+}
+
+void unmerge_exact_(at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                    double scale, const at::Tensor& residual, const at::Tensor& overflow_index,
+                    const at::Tensor& overflow_values) {
+  check_merge_args(weight, lora_a, lora_b);
+  check_merge_residual(weight, residual);
+  constexpr const char* op = "unmerge_exact_";
+  TORCH_CHECK(overflow_index.scalar_type() == at::kLong && overflow_index.dim() == 1, op,
+              ": overflow_index must be a 1-D int64 tensor, got ", overflow_index.scalar_type(),
+              " of shape ", overflow_index.sizes());
+  TORCH_CHECK(overflow_values.scalar_type() == weight.scalar_type() &&
+                  overflow_values.sizes() == overflow_index.sizes(),
+              op, ": overflow_values must be ", weight.scalar_type(), " of shape ",
+              overflow_index.sizes(), ", got ", overflow_values.scalar_type(), " of shape ",
+              overflow_values.sizes());
+  TORCH_CHECK(overflow_index.device() == weight.device() &&
+                  overflow_values.device() == weight.device(),
+              op, ": overflow_index and overflow_values must be on ", weight.device());
+  if (overflow_index.numel() > 0) {
+    const int64_t lo = overflow_index.min().item<int64_t>();
+    const int64_t hi = overflow_index.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < weight.numel(), op, ": overflow_index values must be in [0, ",
+                weight.numel(), "), got [", lo, ", ", hi, "]");
+  }
+  run_merge(weight, lora_a, lora_b, scale, MergeMode::kExactUnmerge,
+            const_cast<int8_t*>(residual.const_data_ptr<int8_t>()));
+  weight.view({-1}).index_copy_(0, overflow_index, overflow_values);
+}
+
+TORCH_LIBRARY_IMPL(lora_ext, CPU, m) {
+  m.impl("merge_", &merge_);
+  m.impl("unmerge_", &unmerge_);
+  m.impl("merge_exact_", &merge_exact_);
+  m.impl("unmerge_exact_", &unmerge_exact_);
+}
+
+}  // namespace lora_ext::cpu

@@ -1,0 +1,58 @@
+// Raw-pointer inner loops of the CPU kernels. microkernels.cpp is compiled once
+// per instruction set (DEFAULT, AVX2, AVX512) into namespaces of those names;
+// micro_kernels<T>() picks the best one the running CPU supports. The callers
+// (multi_lora.cpp, merge.cpp) own the parallel loops and the bookkeeping.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+
+namespace lora_ext::cpu {
+
+// How merge_tile treats each weight element w, given d = scale * (B @ A)[o, k].
+enum class MergeMode : int {
+  kAdd,           // w = round(w + d)      (merge_, and unmerge_ with a negated scale)
+  kExactMerge,    // w = round(w + d), and residual/overflow record how to undo it
+  kExactUnmerge,  // w = round(w - d) corrected by residual (overflow applied by caller)
+};
+
+template <typename T>
+struct MicroKernels {
+  const char* isa;
+  // Outputs per expand call; the packed B tile is [rank][out_block] floats.
+  int out_block;
+  // xa_rows[i][j] = sum_k x_rows[i][k] * a[j * in + k]  for i < nrows, j < rank.
+  void (*shrink)(const T* const* x_rows, float* const* xa_rows, int64_t nrows, const T* a,
+                 int64_t rank, int64_t in);
+  // bt[j * out_block + o] = b[o * ldb + j] for o < nout, j < rank; zero for nout <= o < out_block.
+  void (*pack_bt)(const T* b, int64_t ldb, int64_t nout, int64_t rank, float* bt);
+  // y_rows[i][o] = base_rows[i][o] (0 when base_rows is null) +
+  //                scale * sum_j xa_rows[i][j] * bt[j * out_block + o]   for o < nout.
+  // y_rows[i] and base_rows[i] may be the same row.
+  void (*expand)(const float* const* xa_rows, const T* const* base_rows, T* const* y_rows,
+                 int64_t nrows, const float* bt, int64_t rank, int64_t nout, float scale);
+  // Rows [0, nrows) of w (row stride in) get d[o][k] = scale * sum_j b[o * rank + j] * a[j * in + k]
+  // applied as `mode` says. a, b are fp32. In kExactMerge, elements whose correction does
+  // not fit in int8 get residual -128 and their flat offset from `w` and original value
+  // written to overflow_offset/overflow_value (room for nrows * in); returns their count.
+  int64_t (*merge_tile)(T* w, int8_t* residual, int64_t nrows, int64_t in, const float* a,
+                        const float* b, int64_t rank, float scale, MergeMode mode,
+                        int64_t* overflow_offset, T* overflow_value);
+};
+
+template <typename T>
+const MicroKernels<T>& micro_kernels();
+
+#define LORA_EXT_DECLARE_ISA(ISA)                                  \
+  namespace ISA {                                                  \
+  template <typename T>                                            \
+  const MicroKernels<T>& kernels();                                \
+  }
+LORA_EXT_DECLARE_ISA(DEFAULT)
+LORA_EXT_DECLARE_ISA(AVX2)
+LORA_EXT_DECLARE_ISA(AVX512)
+#undef LORA_EXT_DECLARE_ISA
+
+}  // namespace lora_ext::cpu

@@ -1,0 +1,241 @@
+// CPU multi_lora: rows grouped by adapter, so each used adapter's A and B are
+// read once per call however many rows use it, with work proportional to its rank.
+#include "cpu/lora_rows.h"
+#include "cpu/microkernels.h"
+#include "dispatch.h"
+#include "ops.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+
+namespace lora_ext::cpu {
+
+AdapterGroups group_rows(const at::Tensor& indices, int64_t num_adapters) {
+  const at::Tensor idx = indices.to(at::kLong).contiguous();
+  const int64_t* v = idx.const_data_ptr<int64_t>();
+  const int64_t num_rows = idx.numel();
+  std::vector<int64_t> count(num_adapters + 1, 0);  // slot 0 counts -1 rows
+  for (int64_t t = 0; t < num_rows; ++t) {
+    TORCH_CHECK(v[t] >= -1 && v[t] < num_adapters, "multi_lora: indices[", t, "] = ", v[t],
+                " is out of range; expected -1 (no adapter) or an adapter in [0, ",
+                num_adapters, ")");
+    ++count[v[t] + 1];
+  }
+  AdapterGroups g;
+  g.skipped.reserve(count[0]);
+  std::vector<int64_t> start(num_adapters, 0);
+  int64_t pos = 0;
+  for (int64_t i = 0; i < num_adapters; ++i) {
+    if (count[i + 1] == 0) continue;
+    g.adapter.push_back(i);
+    g.offset.push_back(pos);
+    start[i] = pos;
+    pos += count[i + 1];
+  }
+  g.offset.push_back(pos);
+  g.order.resize(pos);
+  for (int64_t t = 0; t < num_rows; ++t) {
+    if (v[t] < 0) {
+      g.skipped.push_back(t);
+    } else {
+      g.order[start[v[t]]++] = t;
+    }
+  }
+  return g;
+}
+
+AdapterGroups single_group(int64_t num_rows) {
+  AdapterGroups g;
+  g.order.resize(num_rows);
+  for (int64_t t = 0; t < num_rows; ++t) g.order[t] = t;
+  if (num_rows > 0) {
+    g.adapter = {0};
+    g.offset = {0, num_rows};
+  } else {
+    g.offset = {0};
+  }
+  return g;
+}
+
+template <typename T>
+void lora_rows_forward(const RowsProblem<T>& p, const AdapterGroups& groups) {
+  const MicroKernels<T>& mk = micro_kernels<T>();
+  const int64_t num_groups = groups.size();
+  int64_t max_rank = 0;
+  for (int64_t g = 0; g < num_groups; ++g) max_rank = std::max(max_rank, p.ranks[groups.adapter[g]]);
+
+  // Rows with no adapter: y = base (or 0).
+  const int64_t row_bytes = p.out * static_cast<int64_t>(sizeof(T));
+  at::parallel_for(0, static_cast<int64_t>(groups.skipped.size()), 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t s = lo; s < hi; ++s) {
+      const int64_t t = groups.skipped[s];
+      if (p.base == nullptr) {
+        std::memset(p.y + t * p.out, 0, row_bytes);
+      } else if (p.base != p.y) {
+        std::memcpy(p.y + t * p.out, p.base + t * p.out, row_bytes);
+      }
+    }
+  });
+  if (num_groups == 0) return;
+
+  // Shrink: xa[q] = A_i[:r] @ x[order[q]], in fp32, for chunks of rows of one adapter.
+  constexpr int64_t kShrinkRows = 16;
+  std::vector<float> xa(groups.order.size() * max_rank);
+  std::vector<std::pair<int64_t, int64_t>> shrink_items;  // (group, first position)
+  for (int64_t g = 0; g < num_groups; ++g)
+    for (int64_t q = groups.offset[g]; q < groups.offset[g + 1]; q += kShrinkRows)
+      shrink_items.emplace_back(g, q);
+  at::parallel_for(0, static_cast<int64_t>(shrink_items.size()), 1, [&](int64_t lo, int64_t hi) {
+    const T* x_rows[kShrinkRows];
+    float* xa_rows[kShrinkRows];
+    for (int64_t it = lo; it < hi; ++it) {
+      const auto [g, q0] = shrink_items[it];
+      const int64_t i = groups.adapter[g];
+      const int64_t n = std::min(kShrinkRows, groups.offset[g + 1] - q0);
+      for (int64_t k = 0; k < n; ++k) {
+        x_rows[k] = p.x + groups.order[q0 + k] * p.in;
+        xa_rows[k] = xa.data() + (q0 + k) * max_rank;
+      }
+      mk.shrink(x_rows, xa_rows, n, p.a + i * p.a_stride, p.ranks[i], p.in);
+    }
+  });
+
+  // Expand: y[t, o-block] = base + scale * xa @ B_i[o-block, :r]^T, one item per
+  // (adapter, block of outputs); the B block is packed once and used for all its rows.
+  const int64_t ob = mk.out_block;
+  const int64_t num_blocks = (p.out + ob - 1) / ob;
+  at::parallel_for(0, num_groups * num_blocks, 1, [&](int64_t lo, int64_t hi) {
+    constexpr int64_t kRows = 64;
+    std::vector<float> bt(max_rank * ob);
+    const float* xa_rows[kRows];
+    const T* base_rows[kRows];
+    T* y_rows[kRows];
+    for (int64_t it = lo; it < hi; ++it) {
+      const int64_t g = it / num_blocks, o0 = (it % num_blocks) * ob;
+      const int64_t i = groups.adapter[g], rank = p.ranks[i];
+      const int64_t nout = std::min(ob, p.out - o0);
+      mk.pack_bt(p.b + i * p.b_stride + o0 * p.ldb, p.ldb, nout, rank, bt.data());
+      for (int64_t q0 = groups.offset[g]; q0 < groups.offset[g + 1]; q0 += kRows) {
+        const int64_t n = std::min(kRows, groups.offset[g + 1] - q0);
+        for (int64_t k = 0; k < n; ++k) {
+          const int64_t t = groups.order[q0 + k];
+          xa_rows[k] = xa.data() + (q0 + k) * max_rank;
+          base_rows[k] = p.base ? p.base + t * p.out + o0 : nullptr;
+          y_rows[k] = p.y + t * p.out + o0;
+        }
+        mk.expand(xa_rows, p.base ? base_rows : nullptr, y_rows, n, bt.data(), rank, nout,
+                  p.scales[i]);
+      }
+    }
+  });
+}
+
+template void lora_rows_forward<float>(const RowsProblem<float>&, const AdapterGroups&);
+template void lora_rows_forward<c10::Half>(const RowsProblem<c10::Half>&, const AdapterGroups&);
+template void lora_rows_forward<c10::BFloat16>(const RowsProblem<c10::BFloat16>&,
+                                               const AdapterGroups&);
+
+namespace {
+
+// ranks as int64 on the CPU, all R when absent; raises if one is outside [1, R].
+at::Tensor checked_ranks(const std::optional<at::Tensor>& ranks, int64_t num_adapters,
+                         int64_t max_rank) {
+  if (!ranks.has_value() || !ranks->defined())
+    return at::full({num_adapters}, max_rank, at::TensorOptions().dtype(at::kLong));
+  at::Tensor r = ranks->to(at::kLong).contiguous();
+  const int64_t* v = r.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < num_adapters; ++i)
+    TORCH_CHECK(v[i] >= 1 && v[i] <= max_rank, "multi_lora: ranks[", i, "] = ", v[i],
+                " is out of range; expected 1 <= rank <= R = a_stack.size(1) = ", max_rank);
+  return r;
+}
+
+}  // namespace
+
+at::Tensor multi_lora(const at::Tensor& x_in, const at::Tensor& a_in, const at::Tensor& b_in,
+                      const at::Tensor& indices, const at::Tensor& scales_in,
+                      const std::optional<at::Tensor>& ranks_in,
+                      const std::optional<at::Tensor>& base_in) {
+  check_multi_lora_args(x_in, a_in, b_in, indices, scales_in, ranks_in, base_in);
+  const int64_t num_adapters = a_in.size(0), max_rank = a_in.size(1);
+  const at::Tensor ranks = checked_ranks(ranks_in, num_adapters, max_rank);
+  const AdapterGroups groups = group_rows(indices, num_adapters);
+
+  const at::Tensor x = x_in.contiguous(), a = a_in.contiguous(), b = b_in.contiguous();
+  const at::Tensor scales = scales_in.to(at::kFloat).contiguous();
+  const bool has_base = base_in.has_value() && base_in->defined();
+  const at::Tensor base = has_base ? base_in->contiguous() : at::Tensor();
+  const int64_t out = b.size(1);
+  at::Tensor y = at::empty({x.size(0), out}, x.options());
+
+  LORA_EXT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "multi_lora", [&] {
+    const RowsProblem<scalar_t> p{x.const_data_ptr<scalar_t>(),
+                                  x.size(1),
+                                  a.const_data_ptr<scalar_t>(),
+                                  max_rank * x.size(1),
+                                  b.const_data_ptr<scalar_t>(),
+                                  out * max_rank,
+                                  max_rank,
+                                  out,
+                                  scales.const_data_ptr<float>(),
+                                  ranks.const_data_ptr<int64_t>(),
+                                  has_base ? base.const_data_ptr<scalar_t>() : nullptr,
+                                  y.mutable_data_ptr<scalar_t>()};
+    lora_rows_forward(p, groups);
+  });
+  return y;
+}
+
+GradTuple3 multi_lora_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
+                               const at::Tensor& a_stack, const at::Tensor& b_stack,
+                               const at::Tensor& indices, const at::Tensor& scales_in,
+                               const std::optional<at::Tensor>& ranks_in,
+                               std::array<bool, 3> output_mask) {
+  check_multi_lora_args(x_in, a_stack, b_stack, indices, scales_in, ranks_in, std::nullopt);
+  TORCH_CHECK(grad_in.sizes() == at::IntArrayRef({x_in.size(0), b_stack.size(1)}),
+              "multi_lora_backward: grad_out must have shape [T, out] = [", x_in.size(0), ", ",
+              b_stack.size(1), "], got ", grad_in.sizes());
+  TORCH_CHECK(grad_in.scalar_type() == x_in.scalar_type(),
+              "multi_lora_backward: grad_out has dtype ", grad_in.scalar_type(),
+              " but x has dtype ", x_in.scalar_type());
+  const int64_t num_adapters = a_stack.size(0), max_rank = a_stack.size(1);
+  const at::Tensor ranks = checked_ranks(ranks_in, num_adapters, max_rank);
+  const AdapterGroups groups = group_rows(indices, num_adapters);
+  const at::Tensor scales = scales_in.to(at::kFloat).contiguous();
+  const int64_t* rank_of = ranks.const_data_ptr<int64_t>();
+  const float* scale_of = scales.const_data_ptr<float>();
+  const at::Tensor x = x_in.contiguous(), grad = grad_in.contiguous();
+  const auto [need_x, need_a, need_b] = output_mask;
+
+  at::Tensor grad_x = need_x ? at::zeros_like(x) : x.new_empty({0});
+  at::Tensor grad_a = need_a ? at::zeros_like(a_stack, at::MemoryFormat::Contiguous) : x.new_empty({0});
+  at::Tensor grad_b = need_b ? at::zeros_like(b_stack, at::MemoryFormat::Contiguous) : x.new_empty({0});
+  const at::Tensor order = at::from_blob(const_cast<int64_t*>(groups.order.data()),
+                                         {static_cast<int64_t>(groups.order.size())},
+                                         at::TensorOptions().dtype(at::kLong));
+  // Per adapter: a handful of GEMMs over its rows (training batches have many rows each).
+  for (int64_t g = 0; g < groups.size(); ++g) {
+    const int64_t i = groups.adapter[g], r = rank_of[i];
+    const double s = scale_of[i];
+    const at::Tensor rows = order.slice(0, groups.offset[g], groups.offset[g + 1]);
+    const at::Tensor xg = x.index_select(0, rows), gg = grad.index_select(0, rows);
+    const at::Tensor a_i = a_stack[i].narrow(0, 0, r);     // [r, in]
+    const at::Tensor b_i = b_stack[i].narrow(1, 0, r);     // [out, r]
+    const at::Tensor gb = at::mm(gg, b_i);                 // [n, r]
+    if (need_x) grad_x.index_copy_(0, rows, at::mm(gb, a_i).mul_(s));
+    if (need_a) grad_a[i].narrow(0, 0, r).copy_(at::mm(gb.t(), xg).mul_(s));
+    if (need_b) grad_b[i].narrow(1, 0, r).copy_(at::mm(gg.t(), at::mm(xg, a_i.t())).mul_(s));
+  }
+  return {grad_x, grad_a, grad_b};
+}
+
+TORCH_LIBRARY_IMPL(lora_ext, CPU, m) {
+  m.impl("multi_lora", &multi_lora);
+  m.impl("multi_lora_backward", &multi_lora_backward);
+}
+
+}  // namespace lora_ext::cpu

@@ -1,0 +1,48 @@
+// The project's dtype dispatch and the argument checks shared by every backend.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+// One dtype per call (float, half, bfloat16): every float tensor of an op must
+// share it, so a single switch selects the kernel template (no nested switches).
+#define LORA_EXT_DISPATCH_FLOATING_TYPES(TYPE, NAME, ...)                      \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                               \
+                     AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__)      \
+                         AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)   \
+                             AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
+
+// Turns a run-time bool into a compile-time constant (flash-attention's BOOL_SWITCH).
+#define LORA_EXT_BOOL_SWITCH(COND, CONST_NAME, ...) \
+  [&] {                                             \
+    if (COND) {                                     \
+      constexpr static bool CONST_NAME = true;      \
+      return __VA_ARGS__();                         \
+    } else {                                        \
+      constexpr static bool CONST_NAME = false;     \
+      return __VA_ARGS__();                         \
+    }                                               \
+  }()
+
+namespace lora_ext {
+
+// Shape, dtype and device checks; each names the argument and the expected vs.
+// actual value. None of them reads tensor data, so they are safe for every backend.
+void check_lora_linear_args(const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                            const at::Tensor& lora_b);
+void check_lora_linear_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
+                                     const at::Tensor& weight, const at::Tensor& lora_a,
+                                     const at::Tensor& lora_b);
+// Checks shapes/dtypes/devices of a multi_lora call (not the values of indices/ranks).
+void check_multi_lora_args(const at::Tensor& x, const at::Tensor& a_stack,
+                           const at::Tensor& b_stack, const at::Tensor& indices,
+                           const at::Tensor& scales, const std::optional<at::Tensor>& ranks,
+                           const std::optional<at::Tensor>& base);
+void check_merge_args(const at::Tensor& weight, const at::Tensor& lora_a,
+                      const at::Tensor& lora_b);
+void check_merge_residual(const at::Tensor& weight, const at::Tensor& residual);
+
+}  // namespace lora_ext

@@ -1,0 +1,58 @@
+// The C++ declarations every backend implements. Schemas live in registration.cpp;
+// each backend registers its own kernels for these signatures.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+namespace lora_ext {
+
+using GradTuple3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using GradTuple5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+#define LORA_EXT_DECLARE_BACKEND(ns)                                                        \
+  namespace ns {                                                                            \
+  at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight,                     \
+                         const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,   \
+                         const at::Tensor& lora_b, double scale);                           \
+  /* Outputs: grad_x, grad_weight, grad_bias, grad_a, grad_b; an output whose mask */       \
+  /* entry is false is an empty tensor.                                             */       \
+  GradTuple5 lora_linear_backward(const at::Tensor& grad_out, const at::Tensor& x,          \
+                                  const at::Tensor& weight, const at::Tensor& lora_a,       \
+                                  const at::Tensor& lora_b, double scale,                   \
+                                  std::array<bool, 5> output_mask);                         \
+  at::Tensor multi_lora(const at::Tensor& x, const at::Tensor& a_stack,                     \
+                        const at::Tensor& b_stack, const at::Tensor& indices,               \
+                        const at::Tensor& scales, const std::optional<at::Tensor>& ranks,   \
+                        const std::optional<at::Tensor>& base);                             \
+  /* Outputs: grad_x, grad_a_stack, grad_b_stack (grad of base is grad_out itself). */      \
+  GradTuple3 multi_lora_backward(const at::Tensor& grad_out, const at::Tensor& x,           \
+                                 const at::Tensor& a_stack, const at::Tensor& b_stack,      \
+                                 const at::Tensor& indices, const at::Tensor& scales,       \
+                                 const std::optional<at::Tensor>& ranks,                    \
+                                 std::array<bool, 3> output_mask);                          \
+  void merge_(at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,       \
+              double scale);                                                                \
+  void unmerge_(at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,     \
+                double scale);                                                              \
+  /* Exact merge: also writes, per weight element, the int8 correction that lets  */      \
+  /* unmerge_exact_ restore the original bits; elements whose correction does not */        \
+  /* fit in int8 are returned as (flat index, original value).                    */        \
+  std::tuple<at::Tensor, at::Tensor> merge_exact_(at::Tensor& weight,                       \
+                                                  const at::Tensor& lora_a,                 \
+                                                  const at::Tensor& lora_b, double scale,   \
+                                                  at::Tensor& residual);                    \
+  void unmerge_exact_(at::Tensor& weight, const at::Tensor& lora_a,                         \
+                      const at::Tensor& lora_b, double scale, const at::Tensor& residual,   \
+                      const at::Tensor& overflow_index, const at::Tensor& overflow_values); \
+  }
+
+LORA_EXT_DECLARE_BACKEND(cpu)
+LORA_EXT_DECLARE_BACKEND(cuda)
+
+#undef LORA_EXT_DECLARE_BACKEND
+
+}  // namespace lora_ext

@@ -1,0 +1,37 @@
+// Every lora_ext op schema, in one place. Kernels are registered per backend
+// (csrc/cpu/*.cpp for CPU, csrc/cuda/*.cu for CUDA); fake kernels and autograd
+// are registered in Python (lora_ext/ops.py).
+#include <torch/library.h>
+
+TORCH_LIBRARY(lora_ext, m) {
+  // x @ weight.T + bias + scale * (x @ lora_a.T) @ lora_b.T, without forming B @ A.
+  m.def(
+      "lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
+      "float scale) -> Tensor");
+  // Gradients (x, weight, bias, lora_a, lora_b); masked-off outputs are empty tensors.
+  m.def(
+      "lora_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_a, "
+      "Tensor lora_b, float scale, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, "
+      "Tensor)");
+  // Row t uses adapter indices[t] (-1: none): base[t] + scales[i] * B_i (A_i x_t),
+  // with A_i, B_i cut to ranks[i].
+  m.def(
+      "multi_lora(Tensor x, Tensor a_stack, Tensor b_stack, Tensor indices, Tensor scales, "
+      "Tensor? ranks, Tensor? base) -> Tensor");
+  // Gradients (x, a_stack, b_stack); masked-off outputs are empty tensors.
+  m.def(
+      "multi_lora_backward(Tensor grad_out, Tensor x, Tensor a_stack, Tensor b_stack, "
+      "Tensor indices, Tensor scales, Tensor? ranks, bool[3] output_mask) -> (Tensor, Tensor, "
+      "Tensor)");
+  // weight += scale * lora_b @ lora_a (merge_) or -= (unmerge_), in one pass over weight.
+  m.def("merge_(Tensor(a!) weight, Tensor lora_a, Tensor lora_b, float scale) -> ()");
+  m.def("unmerge_(Tensor(a!) weight, Tensor lora_a, Tensor lora_b, float scale) -> ()");
+  // Bit-exact variants: merge_exact_ writes an int8 correction per element into
+  // residual and returns (flat index, original value) of elements needing more.
+  m.def(
+      "merge_exact_(Tensor(a!) weight, Tensor lora_a, Tensor lora_b, float scale, "
+      "Tensor(b!) residual) -> (Tensor, Tensor)");
+  m.def(
+      "unmerge_exact_(Tensor(a!) weight, Tensor lora_a, Tensor lora_b, float scale, "
+      "Tensor residual, Tensor overflow_index, Tensor overflow_values) -> ()");
+}

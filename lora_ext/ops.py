@@ -1,0 +1,204 @@
+"""Typed Python face of the lora_ext operators: wrappers, fake kernels, autograd.
+
+Shapes follow PyTorch's ``[out, in]`` weight layout and PEFT's LoRA layout:
+``lora_a`` is ``[r, in]`` and ``lora_b`` is ``[out, r]``, so the update is
+``delta_W = scale * lora_b @ lora_a``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+_ops = torch.ops.lora_ext
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+) -> Tensor:
+    """``x @ weight.T + bias + scale * (x @ lora_a.T) @ lora_b.T``, fused.
+
+    x: ``[..., in]``; weight: ``[out, in]``; bias: ``[out]`` or None;
+    lora_a: ``[r, in]``; lora_b: ``[out, r]``. Returns ``[..., out]``.
+    Differentiable w.r.t. every tensor argument.
+    """
+    return _ops.lora_linear.default(x, weight, bias, lora_a, lora_b, float(scale))
+
+
+def multi_lora(
+    x: Tensor,
+    a_stack: Tensor,
+    b_stack: Tensor,
+    indices: Tensor,
+    scales: Tensor,
+    ranks: Optional[Tensor] = None,
+    base: Optional[Tensor] = None,
+) -> Tensor:
+    """A different adapter per row: the batched multi-adapter gather.
+
+    x: ``[T, in]``; a_stack: ``[N, R, in]``; b_stack: ``[N, out, R]``;
+    indices: ``[T]`` int32/int64 in ``[-1, N)``; scales: ``[N]`` float;
+    ranks: ``[N]`` int with ``1 <= ranks[i] <= R`` (None: all R);
+    base: ``[T, out]`` or None (zeros). Returns ``[T, out]`` where row t with
+    ``i = indices[t] >= 0`` is
+    ``base[t] + scales[i] * (x[t] @ a_stack[i, :ranks[i]].T) @ b_stack[i, :, :ranks[i]].T``
+    and a row with -1 is ``base[t]``. Differentiable w.r.t. x, a_stack, b_stack, base.
+    """
+    return _ops.multi_lora.default(x, a_stack, b_stack, indices, scales, ranks, base)
+
+
+def merge_(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float) -> None:
+    """In place, ``weight += scale * lora_b @ lora_a`` in one pass, fp32 accumulation.
+
+    weight: ``[out, in]`` (contiguous); lora_a: ``[r, in]``; lora_b: ``[out, r]``.
+    On any error weight is left unchanged.
+    """
+    _ops.merge_.default(weight, lora_a, lora_b, float(scale))
+
+
+def unmerge_(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float) -> None:
+    """In place, ``weight -= scale * lora_b @ lora_a``; the inverse of :func:`merge_`."""
+    _ops.unmerge_.default(weight, lora_a, lora_b, float(scale))
+
+
+def merge_exact_(
+    weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float, residual: Tensor
+) -> tuple[Tensor, Tensor]:
+    """:func:`merge_` that also records how to undo it bit for bit.
+
+    residual: int8 ``[out, in]``, written with a per-element correction. Returns
+    ``(overflow_index, overflow_values)``: flat indices and original values of the
+    (rare) elements whose correction does not fit in int8.
+    """
+    return _ops.merge_exact_.default(weight, lora_a, lora_b, float(scale), residual)
+
+
+def unmerge_exact_(
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    residual: Tensor,
+    overflow_index: Tensor,
+    overflow_values: Tensor,
+) -> None:
+    """Undo :func:`merge_exact_`, restoring every element of weight bit for bit."""
+    _ops.unmerge_exact_.default(
+        weight, lora_a, lora_b, float(scale), residual, overflow_index, overflow_values
+    )
+
+
+# ---------------------------------------------------------------------------
+# Fake (meta) kernels, for torch.compile and opcheck.
+
+
+@torch.library.register_fake("lora_ext::lora_linear")
+def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scale):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _empty_unless(flag: bool, like: Tensor) -> Tensor:
+    return torch.empty_like(like) if flag else like.new_empty((0,))
+
+
+@torch.library.register_fake("lora_ext::lora_linear_backward")
+def _lora_linear_backward_fake(grad_out, x, weight, lora_a, lora_b, scale, output_mask):
+    bias_like = weight.new_empty((weight.shape[0],))
+    likes = (x, weight, bias_like, lora_a, lora_b)
+    return tuple(_empty_unless(flag, like) for flag, like in zip(output_mask, likes))
+
+
+@torch.library.register_fake("lora_ext::multi_lora")
+def _multi_lora_fake(x, a_stack, b_stack, indices, scales, ranks, base):
+    return x.new_empty((x.shape[0], b_stack.shape[1]))
+
+
+@torch.library.register_fake("lora_ext::multi_lora_backward")
+def _multi_lora_backward_fake(grad_out, x, a_stack, b_stack, indices, scales, ranks, output_mask):
+    return tuple(_empty_unless(f, like) for f, like in zip(output_mask, (x, a_stack, b_stack)))
+
+
+@torch.library.register_fake("lora_ext::merge_")
+def _merge_fake(weight, lora_a, lora_b, scale):
+    return None
+
+
+@torch.library.register_fake("lora_ext::unmerge_")
+def _unmerge_fake(weight, lora_a, lora_b, scale):
+    return None
+
+
+@torch.library.register_fake("lora_ext::merge_exact_")
+def _merge_exact_fake(weight, lora_a, lora_b, scale, residual):
+    count = torch.library.get_ctx().new_dynamic_size()
+    return weight.new_empty((count,), dtype=torch.int64), weight.new_empty((count,))
+
+
+@torch.library.register_fake("lora_ext::unmerge_exact_")
+def _unmerge_exact_fake(weight, lora_a, lora_b, scale, residual, overflow_index, overflow_values):
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Autograd: the backward passes are themselves custom ops.
+
+
+def _lora_linear_setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scale = inputs
+    ctx.save_for_backward(x, weight, lora_a, lora_b)
+    ctx.scale = scale
+    ctx.has_bias = bias is not None
+
+
+def _lora_linear_backward(ctx, grad):
+    x, weight, lora_a, lora_b = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [need[0], need[1], need[2] and ctx.has_bias, need[3], need[4]]
+    grads = _ops.lora_linear_backward.default(
+        grad.contiguous(), x, weight, lora_a, lora_b, ctx.scale, mask
+    )
+    gx, gw, gb, ga, gB = (g if m else None for g, m in zip(grads, mask))
+    return gx, gw, gb, ga, gB, None
+
+
+torch.library.register_autograd(
+    "lora_ext::lora_linear", _lora_linear_backward, setup_context=_lora_linear_setup_context
+)
+
+
+def _multi_lora_setup_context(ctx, inputs, output):
+    x, a_stack, b_stack, indices, scales, ranks, base = inputs
+    ctx.save_for_backward(x, a_stack, b_stack, indices, scales, ranks)
+    ctx.has_base = base is not None
+
+
+def _multi_lora_backward(ctx, grad):
+    x, a_stack, b_stack, indices, scales, ranks = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [need[0], need[1], need[2]]
+    grad = grad.contiguous()
+    gx, ga, gb = _ops.multi_lora_backward.default(
+        grad, x, a_stack, b_stack, indices, scales, ranks, mask
+    )
+    grad_base = grad if (ctx.has_base and need[6]) else None
+    return (
+        gx if mask[0] else None,
+        ga if mask[1] else None,
+        gb if mask[2] else None,
+        None,
+        None,
+        None,
+        grad_base,
+    )
+
+
+torch.library.register_autograd(
+    "lora_ext::multi_lora", _multi_lora_backward, setup_context=_multi_lora_setup_context
+)
