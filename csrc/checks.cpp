@@ -8,13 +8,13 @@ namespace lora_ext {
 namespace {
 
 bool is_supported_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
 }
 
 void check_float(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.defined(), op, ": ", name, " must be a tensor, got None");
   TORCH_CHECK(is_supported_float(t.scalar_type()), op, ": ", name,
-              " must be float32, float16 or bfloat16, got ", t.scalar_type());
+              " must be float32, float16, bfloat16 (or float64), got ", t.scalar_type());
 }
 
 void check_dim(const at::Tensor& t, int64_t dim, const char* op, const char* name,

@@ -6,13 +6,15 @@
 
 #include <optional>
 
-// One dtype per call (float, half, bfloat16): every float tensor of an op must
-// share it, so a single switch selects the kernel template (no nested switches).
-#define LORA_EXT_DISPATCH_FLOATING_TYPES(TYPE, NAME, ...)                      \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                                               \
-                     AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__)      \
-                         AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)   \
-                             AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
+// One dtype per call (float, half, bfloat16; double for gradcheck): every float
+// tensor of an op must share it, so a single switch selects the kernel template
+// (no nested switches).
+#define LORA_EXT_DISPATCH_FLOATING_TYPES(TYPE, NAME, ...)                          \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                                   \
+                     AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__)          \
+                         AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)       \
+                             AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__) \
+                                 AT_DISPATCH_CASE(at::ScalarType::Double, __VA_ARGS__))
 
 // Turns a run-time bool into a compile-time constant (flash-attention's BOOL_SWITCH).
 #define LORA_EXT_BOOL_SWITCH(COND, CONST_NAME, ...) \

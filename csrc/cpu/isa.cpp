@@ -64,6 +64,7 @@ const MicroKernels<T>& micro_kernels() {
   }
 }
 
+template const MicroKernels<double>& micro_kernels<double>();
 template const MicroKernels<float>& micro_kernels<float>();
 template const MicroKernels<c10::Half>& micro_kernels<c10::Half>();
 template const MicroKernels<c10::BFloat16>& micro_kernels<c10::BFloat16>();

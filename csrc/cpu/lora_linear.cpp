@@ -19,9 +19,9 @@ at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight,
   at::Tensor y = has_bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
   y = y.contiguous();
   const at::Tensor lora_a = lora_a_in.contiguous(), lora_b = lora_b_in.contiguous();
-  const float scale_f = static_cast<float>(scale);
   const int64_t rank_of = rank;
   LORA_EXT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lora_linear", [&] {
+    const acc_t<scalar_t> scale_acc = static_cast<acc_t<scalar_t>>(scale);
     const RowsProblem<scalar_t> p{x2.const_data_ptr<scalar_t>(),
                                   in,
                                   lora_a.const_data_ptr<scalar_t>(),
@@ -30,7 +30,7 @@ at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight,
                                   0,
                                   rank,
                                   out,
-                                  &scale_f,
+                                  &scale_acc,
                                   &rank_of,
                                   y.const_data_ptr<scalar_t>(),
                                   y.mutable_data_ptr<scalar_t>()};

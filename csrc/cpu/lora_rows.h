@@ -2,6 +2,8 @@
 // (one adapter over every row).
 #pragma once
 
+#include "cpu/microkernels.h"
+
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
@@ -36,7 +38,7 @@ struct RowsProblem {
   int64_t b_stride;
   int64_t ldb;
   int64_t out;
-  const float* scales; // [N]
+  const acc_t<T>* scales;  // [N]
   const int64_t* ranks;  // [N]
   const T* base;       // [T, out] or null; may equal y
   T* y;                // [T, out]

@@ -1,6 +1,6 @@
 // CPU merge_/unmerge_ (and their bit-exact variants): one pass over weight,
 // rows split across threads, scale * B @ A computed on the fly in fp32 from
-// A and B converted to fp32 once (they are small: r x in and out x r).
+// A and B converted to the accumulation type once (they are small: r x in and out x r).
 //
 // Exact round trip: merge_exact_ stores w' = round(w + d) and, per element, the
 // int8 c = ord(w) - ord(round(w' - d)) (ord: the float's position on the number
@@ -24,14 +24,15 @@ namespace {
 constexpr int64_t kMergeRows = 16;
 
 template <typename T>
-int64_t merge_pass(at::Tensor& weight, const at::Tensor& a32, const at::Tensor& b32, float scale,
+int64_t merge_pass(at::Tensor& weight, const at::Tensor& a_acc, const at::Tensor& b_acc, double scale,
                    MergeMode mode, int8_t* residual, std::vector<int64_t>* overflow_index,
                    std::vector<T>* overflow_value) {
   const MicroKernels<T>& mk = micro_kernels<T>();
-  const int64_t rows = weight.size(0), in = weight.size(1), rank = a32.size(0);
+  using Acc = acc_t<T>;
+  const int64_t rows = weight.size(0), in = weight.size(1), rank = a_acc.size(0);
   T* w = weight.mutable_data_ptr<T>();
-  const float* a = a32.const_data_ptr<float>();
-  const float* b = b32.const_data_ptr<float>();
+  const Acc* a = a_acc.const_data_ptr<Acc>();
+  const Acc* b = b_acc.const_data_ptr<Acc>();
   const int64_t num_tasks = (rows + kMergeRows - 1) / kMergeRows;
   const bool collect = mode == MergeMode::kExactMerge;
   std::vector<std::vector<int64_t>> idx_per_thread(collect ? at::get_num_threads() : 0);
@@ -43,7 +44,7 @@ int64_t merge_pass(at::Tensor& weight, const at::Tensor& a32, const at::Tensor& 
       const int64_t r0 = task * kMergeRows, n = std::min(kMergeRows, rows - r0);
       const int64_t found =
           mk.merge_tile(w + r0 * in, residual ? residual + r0 * in : nullptr, n, in, a,
-                        b + r0 * rank, rank, scale, mode, off_buf.data(), val_buf.data());
+                        b + r0 * rank, rank, static_cast<Acc>(scale), mode, off_buf.data(), val_buf.data());
       if (found > 0) {
         auto& idx = idx_per_thread[at::get_thread_num()];
         auto& val = val_per_thread[at::get_thread_num()];
@@ -67,13 +68,14 @@ int64_t merge_pass(at::Tensor& weight, const at::Tensor& a32, const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor> run_merge(at::Tensor& weight, const at::Tensor& lora_a,
                                              const at::Tensor& lora_b, double scale,
                                              MergeMode mode, int8_t* residual) {
-  const at::Tensor a32 = lora_a.to(at::kFloat).contiguous();
-  const at::Tensor b32 = lora_b.to(at::kFloat).contiguous();
   at::Tensor index, values;
   LORA_EXT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "merge_", [&] {
+    constexpr auto acc_dtype = c10::CppTypeToScalarType<acc_t<scalar_t>>::value;
+    const at::Tensor a_acc = lora_a.to(acc_dtype).contiguous();
+    const at::Tensor b_acc = lora_b.to(acc_dtype).contiguous();
     std::vector<int64_t> idx;
     std::vector<scalar_t> val;
-    const int64_t n = merge_pass<scalar_t>(weight, a32, b32, static_cast<float>(scale), mode,
+    const int64_t n = merge_pass<scalar_t>(weight, a_acc, b_acc, scale, mode,
                                            residual, &idx, &val);
     index = at::empty({n}, weight.options().dtype(at::kLong));
     values = at::empty({n}, weight.options());

@@ -15,303 +15,285 @@
 namespace lora_ext::cpu::CPU_CAPABILITY {
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kVL = Vec::size();
-// Four vectors of outputs per expand call: enough independent accumulators per row.
-constexpr int64_t kOutBlock = 4 * kVL;
-// Register budget: AVX512 has 32 vector registers, AVX2 16.
-constexpr int kMaxRows = kVL >= 16 ? 4 : 2;
-
+// The loops for one storage type T; Acc is fp32 (fp64 for double).
 template <typename T>
-inline float to_f(T v) {
-  return static_cast<float>(v);
-}
+struct Impl {
+  using Acc = acc_t<T>;
+  using Vec = at::vec::Vectorized<Acc>;
+  static constexpr int64_t kVL = Vec::size();
+  // Four vectors of outputs per expand call: enough independent accumulators per row.
+  static constexpr int64_t kOutBlock = 4 * kVL;
+  // Register budget: AVX512 has 32 vector registers, AVX2 16.
+  static constexpr int kMaxRows = Vec::size() * sizeof(Acc) >= 64 ? 4 : 2;
 
-template <typename T>
-inline Vec load_f(const T* p) {
-  if constexpr (std::is_same_v<T, float>) {
-    return Vec::loadu(p);
-  } else {
-    Vec out;
-    at::vec::load_to_float<T>(p, out);
-    return out;
-  }
-}
+  static Acc to_acc(T v) { return static_cast<Acc>(v); }
 
-// Loads `count` (< kVL) elements, zero-filling the rest.
-template <typename T>
-inline Vec load_f(const T* p, int64_t count) {
-  alignas(64) float tmp[kVL] = {};
-  for (int64_t i = 0; i < count; ++i) tmp[i] = to_f(p[i]);
-  return Vec::loadu(tmp);
-}
-
-template <typename T>
-inline void store_f(T* p, const Vec& v, int64_t count) {
-  if (count == kVL) {
-    if constexpr (std::is_same_v<T, float>) {
-      v.store(p);
+  static Vec load(const T* p) {
+    if constexpr (std::is_same_v<T, Acc>) {
+      return Vec::loadu(p);
     } else {
-      at::vec::convert_from_float<T>(v, v).store(p, kVL);
+      Vec out;
+      at::vec::load_to_float<T>(p, out);
+      return out;
     }
-    return;
   }
-  alignas(64) float tmp[kVL];
-  v.store(tmp);
-  for (int64_t i = 0; i < count; ++i) p[i] = static_cast<T>(tmp[i]);
-}
 
-// ---------------------------------------------------------------------------
-// shrink: ROWS rows of x against JB rows of a at once (ROWS * JB accumulators).
+  // Loads `count` (< kVL) elements, zero-filling the rest.
+  static Vec load(const T* p, int64_t count) {
+    alignas(64) Acc tmp[kVL] = {};
+    for (int64_t i = 0; i < count; ++i) tmp[i] = to_acc(p[i]);
+    return Vec::loadu(tmp);
+  }
 
-template <typename T, int ROWS, int JB>
-inline void shrink_block(const T* const* x_rows, float* const* xa_rows, const T* a,
-                         int64_t rank, int64_t in) {
-  for (int64_t j0 = 0; j0 < rank; j0 += JB) {
-    // Past the last rank row, alias it: computed, never stored.
-    const T* ap[JB];
-    for (int jj = 0; jj < JB; ++jj) ap[jj] = a + std::min<int64_t>(j0 + jj, rank - 1) * in;
-    Vec acc[ROWS][JB];
-    for (int r = 0; r < ROWS; ++r)
-      for (int jj = 0; jj < JB; ++jj) acc[r][jj] = Vec(0.f);
-    int64_t k = 0;
-    for (; k + kVL <= in; k += kVL) {
-      Vec av[JB];
-      for (int jj = 0; jj < JB; ++jj) av[jj] = load_f(ap[jj] + k);
-      for (int r = 0; r < ROWS; ++r) {
-        const Vec xv = load_f(x_rows[r] + k);
-        for (int jj = 0; jj < JB; ++jj) acc[r][jj] = at::vec::fmadd(xv, av[jj], acc[r][jj]);
+  static void store(T* p, const Vec& v, int64_t count) {
+    if (count == kVL) {
+      if constexpr (std::is_same_v<T, Acc>) {
+        v.store(p);
+      } else {
+        at::vec::convert_from_float<T>(v, v).store(p, kVL);
+      }
+      return;
+    }
+    alignas(64) Acc tmp[kVL];
+    v.store(tmp);
+    for (int64_t i = 0; i < count; ++i) p[i] = static_cast<T>(tmp[i]);
+  }
+
+  // -------------------------------------------------------------------------
+  // shrink: ROWS rows of x against JB rows of a at once (ROWS * JB accumulators).
+
+  template <int ROWS, int JB>
+  static void shrink_block(const T* const* x_rows, Acc* const* xa_rows, const T* a, int64_t rank,
+                           int64_t in) {
+    for (int64_t j0 = 0; j0 < rank; j0 += JB) {
+      // Past the last rank row, alias it: computed, never stored.
+      const T* ap[JB];
+      for (int jj = 0; jj < JB; ++jj) ap[jj] = a + std::min<int64_t>(j0 + jj, rank - 1) * in;
+      Vec acc[ROWS][JB];
+      for (int r = 0; r < ROWS; ++r)
+        for (int jj = 0; jj < JB; ++jj) acc[r][jj] = Vec(Acc(0));
+      int64_t k = 0;
+      for (; k + kVL <= in; k += kVL) {
+        Vec av[JB];
+        for (int jj = 0; jj < JB; ++jj) av[jj] = load(ap[jj] + k);
+        for (int r = 0; r < ROWS; ++r) {
+          const Vec xv = load(x_rows[r] + k);
+          for (int jj = 0; jj < JB; ++jj) acc[r][jj] = at::vec::fmadd(xv, av[jj], acc[r][jj]);
+        }
+      }
+      if (const int64_t tail = in - k; tail > 0) {
+        Vec av[JB];
+        for (int jj = 0; jj < JB; ++jj) av[jj] = load(ap[jj] + k, tail);
+        for (int r = 0; r < ROWS; ++r) {
+          const Vec xv = load(x_rows[r] + k, tail);
+          for (int jj = 0; jj < JB; ++jj) acc[r][jj] = at::vec::fmadd(xv, av[jj], acc[r][jj]);
+        }
+      }
+      const int64_t jn = std::min<int64_t>(JB, rank - j0);
+      for (int r = 0; r < ROWS; ++r)
+        for (int64_t jj = 0; jj < jn; ++jj)
+          xa_rows[r][j0 + jj] = at::vec::vec_reduce_all<Acc>(
+              [](const Vec& p, const Vec& q) { return p + q; }, acc[r][jj]);
+    }
+  }
+
+  static void shrink(const T* const* x_rows, Acc* const* xa_rows, int64_t nrows, const T* a,
+                     int64_t rank, int64_t in) {
+    int64_t i = 0;
+    for (; i + kMaxRows <= nrows; i += kMaxRows)
+      shrink_block<kMaxRows, 4>(x_rows + i, xa_rows + i, a, rank, in);
+    if constexpr (kMaxRows > 2) {
+      if (i + 2 <= nrows) {
+        shrink_block<2, 4>(x_rows + i, xa_rows + i, a, rank, in);
+        i += 2;
       }
     }
-    const int64_t tail = in - k;
-    if (tail > 0) {
-      Vec av[JB];
-      for (int jj = 0; jj < JB; ++jj) av[jj] = load_f(ap[jj] + k, tail);
+    // One row (decode): eight rank rows at once to keep enough loads in flight.
+    for (; i < nrows; ++i) shrink_block<1, 8>(x_rows + i, xa_rows + i, a, rank, in);
+  }
+
+  // -------------------------------------------------------------------------
+  // expand: ROWS rows times kOutBlock outputs, accumulated over the rank.
+
+  static void pack_bt(const T* b, int64_t ldb, int64_t nout, int64_t rank, Acc* bt) {
+    for (int64_t o = 0; o < nout; ++o) {
+      const T* row = b + o * ldb;
+      for (int64_t j = 0; j < rank; ++j) bt[j * kOutBlock + o] = to_acc(row[j]);
+    }
+    for (int64_t j = 0; j < rank; ++j)
+      std::fill(bt + j * kOutBlock + nout, bt + (j + 1) * kOutBlock, Acc(0));
+  }
+
+  template <int ROWS>
+  static void expand_block(const Acc* const* xa_rows, const T* const* base_rows,
+                           T* const* y_rows, const Acc* bt, int64_t rank, int64_t nout,
+                           Acc scale) {
+    constexpr int NV = kOutBlock / kVL;
+    Vec acc[ROWS][NV];
+    for (int r = 0; r < ROWS; ++r)
+      for (int v = 0; v < NV; ++v) acc[r][v] = Vec(Acc(0));
+    for (int64_t j = 0; j < rank; ++j) {
+      Vec bv[NV];
+      for (int v = 0; v < NV; ++v) bv[v] = Vec::loadu(bt + j * kOutBlock + v * kVL);
       for (int r = 0; r < ROWS; ++r) {
-        const Vec xv = load_f(x_rows[r] + k, tail);
-        for (int jj = 0; jj < JB; ++jj) acc[r][jj] = at::vec::fmadd(xv, av[jj], acc[r][jj]);
+        const Vec xv(xa_rows[r][j]);
+        for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(xv, bv[v], acc[r][v]);
       }
     }
-    const int64_t jn = std::min<int64_t>(JB, rank - j0);
-    for (int r = 0; r < ROWS; ++r)
-      for (int64_t jj = 0; jj < jn; ++jj)
-        xa_rows[r][j0 + jj] =
-            at::vec::vec_reduce_all<float>([](const Vec& p, const Vec& q) { return p + q; }, acc[r][jj]);
-  }
-}
-
-template <typename T>
-void shrink(const T* const* x_rows, float* const* xa_rows, int64_t nrows, const T* a,
-            int64_t rank, int64_t in) {
-  int64_t i = 0;
-  for (; i + kMaxRows <= nrows; i += kMaxRows)
-    shrink_block<T, kMaxRows, 4>(x_rows + i, xa_rows + i, a, rank, in);
-  if constexpr (kMaxRows > 2) {
-    if (i + 2 <= nrows) {
-      shrink_block<T, 2, 4>(x_rows + i, xa_rows + i, a, rank, in);
-      i += 2;
-    }
-  }
-  // One row (decode): eight rank rows at once to keep enough loads in flight.
-  for (; i < nrows; ++i) shrink_block<T, 1, 8>(x_rows + i, xa_rows + i, a, rank, in);
-}
-
-// ---------------------------------------------------------------------------
-// expand: ROWS rows times kOutBlock outputs, accumulated over the rank.
-
-template <typename T>
-void pack_bt(const T* b, int64_t ldb, int64_t nout, int64_t rank, float* bt) {
-  for (int64_t o = 0; o < nout; ++o) {
-    const T* row = b + o * ldb;
-    for (int64_t j = 0; j < rank; ++j) bt[j * kOutBlock + o] = to_f(row[j]);
-  }
-  for (int64_t j = 0; j < rank; ++j)
-    std::fill(bt + j * kOutBlock + nout, bt + (j + 1) * kOutBlock, 0.f);
-}
-
-template <typename T, int ROWS>
-inline void expand_block(const float* const* xa_rows, const T* const* base_rows,
-                         T* const* y_rows, const float* bt, int64_t rank, int64_t nout,
-                         float scale) {
-  constexpr int NV = kOutBlock / kVL;
-  Vec acc[ROWS][NV];
-  for (int r = 0; r < ROWS; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = Vec(0.f);
-  for (int64_t j = 0; j < rank; ++j) {
-    Vec bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = Vec::loadu(bt + j * kOutBlock + v * kVL);
+    const Vec vscale(scale);
     for (int r = 0; r < ROWS; ++r) {
-      const Vec xv(xa_rows[r][j]);
-      for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(xv, bv[v], acc[r][v]);
-    }
-  }
-  const Vec vscale(scale);
-  for (int r = 0; r < ROWS; ++r) {
-    for (int v = 0; v < NV; ++v) {
-      const int64_t o = v * kVL;
-      const int64_t count = std::min<int64_t>(kVL, nout - o);
-      if (count <= 0) break;
-      Vec out = acc[r][v] * vscale;
-      if (base_rows != nullptr) {
-        out = out + (count == kVL ? load_f(base_rows[r] + o) : load_f(base_rows[r] + o, count));
+      for (int v = 0; v < NV; ++v) {
+        const int64_t o = v * kVL;
+        const int64_t count = std::min<int64_t>(kVL, nout - o);
+        if (count <= 0) break;
+        Vec out = acc[r][v] * vscale;
+        if (base_rows != nullptr)
+          out = out + (count == kVL ? load(base_rows[r] + o) : load(base_rows[r] + o, count));
+        store(y_rows[r] + o, out, count);
       }
-      store_f(y_rows[r] + o, out, count);
     }
   }
-}
 
-template <typename T>
-void expand(const float* const* xa_rows, const T* const* base_rows, T* const* y_rows,
-            int64_t nrows, const float* bt, int64_t rank, int64_t nout, float scale) {
-  int64_t i = 0;
-  for (; i + kMaxRows <= nrows; i += kMaxRows)
-    expand_block<T, kMaxRows>(xa_rows + i, base_rows ? base_rows + i : nullptr, y_rows + i, bt,
-                              rank, nout, scale);
-  for (; i < nrows; ++i)
-    expand_block<T, 1>(xa_rows + i, base_rows ? base_rows + i : nullptr, y_rows + i, bt, rank,
-                       nout, scale);
-}
+  static void expand(const Acc* const* xa_rows, const T* const* base_rows, T* const* y_rows,
+                     int64_t nrows, const Acc* bt, int64_t rank, int64_t nout, Acc scale) {
+    int64_t i = 0;
+    for (; i + kMaxRows <= nrows; i += kMaxRows)
+      expand_block<kMaxRows>(xa_rows + i, base_rows ? base_rows + i : nullptr, y_rows + i, bt,
+                             rank, nout, scale);
+    for (; i < nrows; ++i)
+      expand_block<1>(xa_rows + i, base_rows ? base_rows + i : nullptr, y_rows + i, bt, rank,
+                      nout, scale);
+  }
 
-// ---------------------------------------------------------------------------
-// merge: ROWS weight rows times two vectors of columns, accumulated over the rank.
+  // -------------------------------------------------------------------------
+  // merge: ROWS weight rows times two vectors of columns, accumulated over the rank.
 
-// Order-preserving integer view of a float's bits: consecutive representable
-// values differ by one; +0 and -0 stay distinct.
-template <typename T>
-struct Bits {
-  using U = std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>;
-  static constexpr U kSign = U(1) << (8 * sizeof(T) - 1);
+  // Order-preserving integer view of T's bits: consecutive representable values
+  // differ by one; +0 and -0 stay distinct.
+  using Bits = std::conditional_t<sizeof(T) == 8, uint64_t,
+                                  std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>>;
+  static constexpr Bits kSign = Bits(1) << (8 * sizeof(T) - 1);
   static int64_t ord(T v) {
-    U u;
+    Bits u;
     std::memcpy(&u, &v, sizeof(T));
     return (u & kSign) ? -int64_t(u & ~kSign) - 1 : int64_t(u);
   }
   static T from_ord(int64_t o) {
-    const U u = o >= 0 ? U(o) : U(U(-(o + 1)) | kSign);
+    const Bits u = o >= 0 ? Bits(o) : Bits(Bits(-(o + 1)) | kSign);
     T v;
     std::memcpy(&v, &u, sizeof(T));
     return v;
   }
-};
 
-// The exact modes work element by element on d (already scaled); merge and
-// unmerge compute d with the same code, so unmerge sees the same bits.
-template <typename T>
-inline int64_t apply_exact(T* w, int8_t* res, const float* d, int64_t count, MergeMode mode,
-                           int64_t base_offset, int64_t* overflow_offset, T* overflow_value) {
-  int64_t overflows = 0;
-  for (int64_t i = 0; i < count; ++i) {
-    if (mode == MergeMode::kExactMerge) {
-      const T old = w[i];
-      const T merged = static_cast<T>(to_f(old) + d[i]);
-      const T back = static_cast<T>(to_f(merged) - d[i]);
-      const int64_t corr = Bits<T>::ord(old) - Bits<T>::ord(back);
-      if (corr >= -127 && corr <= 127) {
-        res[i] = static_cast<int8_t>(corr);
-      } else {
-        res[i] = -128;
-        overflow_offset[overflows] = base_offset + i;
-        overflow_value[overflows] = old;
-        ++overflows;
-      }
-      w[i] = merged;
-    } else {
-      const T back = static_cast<T>(to_f(w[i]) - d[i]);
-      w[i] = res[i] == -128 ? back : Bits<T>::from_ord(Bits<T>::ord(back) + res[i]);
-    }
-  }
-  return overflows;
-}
-
-template <typename T, int ROWS>
-int64_t merge_block(T* w, int8_t* residual, int64_t in, const float* a, const float* b,
-                    int64_t rank, float scale, MergeMode mode, int64_t row0,
-                    int64_t* overflow_offset, T* overflow_value) {
-  constexpr int64_t kCols = 2 * kVL;
-  const Vec vscale(scale);
-  int64_t overflows = 0;
-  alignas(64) float d[ROWS][kCols];
-  for (int64_t k = 0; k < in; k += kCols) {
-    const int64_t ncols = std::min<int64_t>(kCols, in - k);
-    Vec acc[ROWS][2];
-    for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = Vec(0.f);
-    if (ncols == kCols) {
-      for (int64_t j = 0; j < rank; ++j) {
-        const Vec a0 = Vec::loadu(a + j * in + k), a1 = Vec::loadu(a + j * in + k + kVL);
-        for (int r = 0; r < ROWS; ++r) {
-          const Vec bv(b[r * rank + j]);
-          acc[r][0] = at::vec::fmadd(bv, a0, acc[r][0]);
-          acc[r][1] = at::vec::fmadd(bv, a1, acc[r][1]);
+  // The exact modes work element by element on d (already scaled); merge and
+  // unmerge compute d with the same code, so unmerge sees the same bits.
+  static int64_t apply_exact(T* w, int8_t* res, const Acc* d, int64_t count, MergeMode mode,
+                             int64_t base_offset, int64_t* overflow_offset, T* overflow_value) {
+    int64_t overflows = 0;
+    for (int64_t i = 0; i < count; ++i) {
+      if (mode == MergeMode::kExactMerge) {
+        const T old = w[i];
+        const T merged = static_cast<T>(to_acc(old) + d[i]);
+        const T back = static_cast<T>(to_acc(merged) - d[i]);
+        const int64_t corr = ord(old) - ord(back);
+        if (corr >= -127 && corr <= 127) {
+          res[i] = static_cast<int8_t>(corr);
+        } else {
+          res[i] = -128;
+          overflow_offset[overflows] = base_offset + i;
+          overflow_value[overflows] = old;
+          ++overflows;
         }
+        w[i] = merged;
+      } else {
+        const T back = static_cast<T>(to_acc(w[i]) - d[i]);
+        w[i] = res[i] == -128 ? back : from_ord(ord(back) + res[i]);
       }
-    } else {
+    }
+    return overflows;
+  }
+
+  template <int ROWS>
+  static int64_t merge_block(T* w, int8_t* residual, int64_t in, const Acc* a, const Acc* b,
+                             int64_t rank, Acc scale, MergeMode mode, int64_t row0,
+                             int64_t* overflow_offset, T* overflow_value) {
+    constexpr int64_t kCols = 2 * kVL;
+    const Vec vscale(scale);
+    int64_t overflows = 0;
+    alignas(64) Acc d[ROWS][kCols];
+    for (int64_t k = 0; k < in; k += kCols) {
+      const int64_t ncols = std::min<int64_t>(kCols, in - k);
       const int64_t n0 = std::min<int64_t>(kVL, ncols), n1 = ncols - n0;
+      Vec acc[ROWS][2];
+      for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = Vec(Acc(0));
       for (int64_t j = 0; j < rank; ++j) {
-        const Vec a0 = Vec::loadu(a + j * in + k, n0);
-        const Vec a1 = n1 > 0 ? Vec::loadu(a + j * in + k + kVL, n1) : Vec(0.f);
+        const Acc* aj = a + j * in + k;
+        const Vec a0 = ncols == kCols ? Vec::loadu(aj) : Vec::loadu(aj, n0);
+        const Vec a1 = ncols == kCols ? Vec::loadu(aj + kVL)
+                       : n1 > 0       ? Vec::loadu(aj + kVL, n1)
+                                      : Vec(Acc(0));
         for (int r = 0; r < ROWS; ++r) {
           const Vec bv(b[r * rank + j]);
           acc[r][0] = at::vec::fmadd(bv, a0, acc[r][0]);
           acc[r][1] = at::vec::fmadd(bv, a1, acc[r][1]);
         }
       }
-    }
-    for (int r = 0; r < ROWS; ++r) {
-      T* wr = w + r * in + k;
-      if (mode == MergeMode::kAdd) {
-        for (int h = 0; h < 2; ++h) {
-          const int64_t count = std::min<int64_t>(kVL, ncols - h * kVL);
-          if (count <= 0) break;
-          const Vec old = count == kVL ? load_f(wr + h * kVL) : load_f(wr + h * kVL, count);
-          store_f(wr + h * kVL, at::vec::fmadd(acc[r][h], vscale, old), count);
+      for (int r = 0; r < ROWS; ++r) {
+        T* wr = w + r * in + k;
+        if (mode == MergeMode::kAdd) {
+          for (int h = 0; h < 2; ++h) {
+            const int64_t count = std::min<int64_t>(kVL, ncols - h * kVL);
+            if (count <= 0) break;
+            const Vec old = count == kVL ? load(wr + h * kVL) : load(wr + h * kVL, count);
+            store(wr + h * kVL, at::vec::fmadd(acc[r][h], vscale, old), count);
+          }
+        } else {
+          (acc[r][0] * vscale).store(d[r]);
+          (acc[r][1] * vscale).store(d[r] + kVL);
+          overflows += apply_exact(wr, residual + r * in + k, d[r], ncols, mode,
+                                   (row0 + r) * in + k, overflow_offset + overflows,
+                                   overflow_value + overflows);
         }
-      } else {
-        (acc[r][0] * vscale).store(d[r]);
-        (acc[r][1] * vscale).store(d[r] + kVL);
-        overflows += apply_exact(wr, residual + r * in + k, d[r], ncols, mode,
-                                 (row0 + r) * in + k, overflow_offset + overflows,
-                                 overflow_value + overflows);
       }
     }
+    return overflows;
   }
-  return overflows;
-}
 
-template <typename T>
-int64_t merge_tile(T* w, int8_t* residual, int64_t nrows, int64_t in, const float* a,
-                   const float* b, int64_t rank, float scale, MergeMode mode,
-                   int64_t* overflow_offset, T* overflow_value) {
-  // Eight rows share each load of `a` on AVX512 (16 accumulators), four on AVX2.
-  constexpr int kRows = kVL >= 16 ? 8 : 4;
-  int64_t overflows = 0;
-  int64_t r = 0;
-  auto step = [&](auto rows_tag) {
-    constexpr int R = decltype(rows_tag)::value;
-    overflows += merge_block<T, R>(w + r * in, residual ? residual + r * in : nullptr, in, a,
-                                   b + r * rank, rank, scale, mode, r,
-                                   overflow_offset + overflows, overflow_value + overflows);
-    r += R;
-  };
-  while (r + kRows <= nrows) step(std::integral_constant<int, kRows>{});
-  while (r + 2 <= nrows) step(std::integral_constant<int, 2>{});
-  while (r < nrows) step(std::integral_constant<int, 1>{});
-  return overflows;
-}
+  static int64_t merge_tile(T* w, int8_t* residual, int64_t nrows, int64_t in, const Acc* a,
+                            const Acc* b, int64_t rank, Acc scale, MergeMode mode,
+                            int64_t* overflow_offset, T* overflow_value) {
+    // Eight rows share each load of `a` with 32 vector registers (16 accumulators), four with 16.
+    constexpr int kRows = kMaxRows * 2;
+    int64_t overflows = 0;
+    int64_t r = 0;
+    auto step = [&](auto rows_tag) {
+      constexpr int R = decltype(rows_tag)::value;
+      overflows += merge_block<R>(w + r * in, residual ? residual + r * in : nullptr, in, a,
+                                  b + r * rank, rank, scale, mode, r, overflow_offset + overflows,
+                                  overflow_value + overflows);
+      r += R;
+    };
+    while (r + kRows <= nrows) step(std::integral_constant<int, kRows>{});
+    while (r + 2 <= nrows) step(std::integral_constant<int, 2>{});
+    while (r < nrows) step(std::integral_constant<int, 1>{});
+    return overflows;
+  }
 
-template <typename T>
-MicroKernels<T> make_kernels() {
-  return MicroKernels<T>{C10_STRINGIZE(CPU_CAPABILITY), kOutBlock, &shrink<T>, &pack_bt<T>,
-                         &expand<T>, &merge_tile<T>};
-}
+  static MicroKernels<T> table() {
+    return MicroKernels<T>{C10_STRINGIZE(CPU_CAPABILITY), kOutBlock, &shrink,
+                           &pack_bt, &expand, &merge_tile};
+  }
+};
 
 }  // namespace
 
 template <typename T>
 const MicroKernels<T>& kernels() {
-  static const MicroKernels<T> table = make_kernels<T>();
+  static const MicroKernels<T> table = Impl<T>::table();
   return table;
 }
 
+template const MicroKernels<double>& kernels<double>();
 template const MicroKernels<float>& kernels<float>();
 template const MicroKernels<c10::Half>& kernels<c10::Half>();
 template const MicroKernels<c10::BFloat16>& kernels<c10::BFloat16>();

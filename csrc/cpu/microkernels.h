@@ -8,6 +8,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace lora_ext::cpu {
 
@@ -18,27 +19,32 @@ enum class MergeMode : int {
   kExactUnmerge,  // w = round(w - d) corrected by residual (overflow applied by caller)
 };
 
+// Accumulation type: fp32 for float/half/bfloat16, fp64 for double (used by gradcheck).
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
 template <typename T>
 struct MicroKernels {
+  using Acc = acc_t<T>;
   const char* isa;
-  // Outputs per expand call; the packed B tile is [rank][out_block] floats.
+  // Outputs per expand call; the packed B tile is [rank][out_block] accumulator values.
   int out_block;
   // xa_rows[i][j] = sum_k x_rows[i][k] * a[j * in + k]  for i < nrows, j < rank.
-  void (*shrink)(const T* const* x_rows, float* const* xa_rows, int64_t nrows, const T* a,
+  void (*shrink)(const T* const* x_rows, Acc* const* xa_rows, int64_t nrows, const T* a,
                  int64_t rank, int64_t in);
   // bt[j * out_block + o] = b[o * ldb + j] for o < nout, j < rank; zero for nout <= o < out_block.
-  void (*pack_bt)(const T* b, int64_t ldb, int64_t nout, int64_t rank, float* bt);
+  void (*pack_bt)(const T* b, int64_t ldb, int64_t nout, int64_t rank, Acc* bt);
   // y_rows[i][o] = base_rows[i][o] (0 when base_rows is null) +
   //                scale * sum_j xa_rows[i][j] * bt[j * out_block + o]   for o < nout.
   // y_rows[i] and base_rows[i] may be the same row.
-  void (*expand)(const float* const* xa_rows, const T* const* base_rows, T* const* y_rows,
-                 int64_t nrows, const float* bt, int64_t rank, int64_t nout, float scale);
+  void (*expand)(const Acc* const* xa_rows, const T* const* base_rows, T* const* y_rows,
+                 int64_t nrows, const Acc* bt, int64_t rank, int64_t nout, Acc scale);
   // Rows [0, nrows) of w (row stride in) get d[o][k] = scale * sum_j b[o * rank + j] * a[j * in + k]
-  // applied as `mode` says. a, b are fp32. In kExactMerge, elements whose correction does
+  // applied as `mode` says. a, b are in Acc. In kExactMerge, elements whose correction does
   // not fit in int8 get residual -128 and their flat offset from `w` and original value
   // written to overflow_offset/overflow_value (room for nrows * in); returns their count.
-  int64_t (*merge_tile)(T* w, int8_t* residual, int64_t nrows, int64_t in, const float* a,
-                        const float* b, int64_t rank, float scale, MergeMode mode,
+  int64_t (*merge_tile)(T* w, int8_t* residual, int64_t nrows, int64_t in, const Acc* a,
+                        const Acc* b, int64_t rank, Acc scale, MergeMode mode,
                         int64_t* overflow_offset, T* overflow_value);
 };
 

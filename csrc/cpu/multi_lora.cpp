@@ -63,6 +63,7 @@ AdapterGroups single_group(int64_t num_rows) {
 
 template <typename T>
 void lora_rows_forward(const RowsProblem<T>& p, const AdapterGroups& groups) {
+  using Acc = acc_t<T>;
   const MicroKernels<T>& mk = micro_kernels<T>();
   const int64_t num_groups = groups.size();
   int64_t max_rank = 0;
@@ -84,14 +85,14 @@ void lora_rows_forward(const RowsProblem<T>& p, const AdapterGroups& groups) {
 
   // Shrink: xa[q] = A_i[:r] @ x[order[q]], in fp32, for chunks of rows of one adapter.
   constexpr int64_t kShrinkRows = 16;
-  std::vector<float> xa(groups.order.size() * max_rank);
+  std::vector<Acc> xa(groups.order.size() * max_rank);
   std::vector<std::pair<int64_t, int64_t>> shrink_items;  // (group, first position)
   for (int64_t g = 0; g < num_groups; ++g)
     for (int64_t q = groups.offset[g]; q < groups.offset[g + 1]; q += kShrinkRows)
       shrink_items.emplace_back(g, q);
   at::parallel_for(0, static_cast<int64_t>(shrink_items.size()), 1, [&](int64_t lo, int64_t hi) {
     const T* x_rows[kShrinkRows];
-    float* xa_rows[kShrinkRows];
+    Acc* xa_rows[kShrinkRows];
     for (int64_t it = lo; it < hi; ++it) {
       const auto [g, q0] = shrink_items[it];
       const int64_t i = groups.adapter[g];
@@ -110,8 +111,8 @@ void lora_rows_forward(const RowsProblem<T>& p, const AdapterGroups& groups) {
   const int64_t num_blocks = (p.out + ob - 1) / ob;
   at::parallel_for(0, num_groups * num_blocks, 1, [&](int64_t lo, int64_t hi) {
     constexpr int64_t kRows = 64;
-    std::vector<float> bt(max_rank * ob);
-    const float* xa_rows[kRows];
+    std::vector<Acc> bt(max_rank * ob);
+    const Acc* xa_rows[kRows];
     const T* base_rows[kRows];
     T* y_rows[kRows];
     for (int64_t it = lo; it < hi; ++it) {
@@ -134,6 +135,7 @@ void lora_rows_forward(const RowsProblem<T>& p, const AdapterGroups& groups) {
   });
 }
 
+template void lora_rows_forward<double>(const RowsProblem<double>&, const AdapterGroups&);
 template void lora_rows_forward<float>(const RowsProblem<float>&, const AdapterGroups&);
 template void lora_rows_forward<c10::Half>(const RowsProblem<c10::Half>&, const AdapterGroups&);
 template void lora_rows_forward<c10::BFloat16>(const RowsProblem<c10::BFloat16>&,
@@ -166,13 +168,14 @@ at::Tensor multi_lora(const at::Tensor& x_in, const at::Tensor& a_in, const at::
   const AdapterGroups groups = group_rows(indices, num_adapters);
 
   const at::Tensor x = x_in.contiguous(), a = a_in.contiguous(), b = b_in.contiguous();
-  const at::Tensor scales = scales_in.to(at::kFloat).contiguous();
   const bool has_base = base_in.has_value() && base_in->defined();
   const at::Tensor base = has_base ? base_in->contiguous() : at::Tensor();
   const int64_t out = b.size(1);
   at::Tensor y = at::empty({x.size(0), out}, x.options());
 
   LORA_EXT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "multi_lora", [&] {
+    using Acc = acc_t<scalar_t>;
+    const at::Tensor scales = scales_in.to(c10::CppTypeToScalarType<Acc>::value).contiguous();
     const RowsProblem<scalar_t> p{x.const_data_ptr<scalar_t>(),
                                   x.size(1),
                                   a.const_data_ptr<scalar_t>(),
@@ -181,7 +184,7 @@ at::Tensor multi_lora(const at::Tensor& x_in, const at::Tensor& a_in, const at::
                                   out * max_rank,
                                   max_rank,
                                   out,
-                                  scales.const_data_ptr<float>(),
+                                  scales.const_data_ptr<Acc>(),
                                   ranks.const_data_ptr<int64_t>(),
                                   has_base ? base.const_data_ptr<scalar_t>() : nullptr,
                                   y.mutable_data_ptr<scalar_t>()};
@@ -205,9 +208,9 @@ GradTuple3 multi_lora_backward(const at::Tensor& grad_in, const at::Tensor& x_in
   const int64_t num_adapters = a_stack.size(0), max_rank = a_stack.size(1);
   const at::Tensor ranks = checked_ranks(ranks_in, num_adapters, max_rank);
   const AdapterGroups groups = group_rows(indices, num_adapters);
-  const at::Tensor scales = scales_in.to(at::kFloat).contiguous();
+  const at::Tensor scales = scales_in.to(at::kDouble).contiguous();
   const int64_t* rank_of = ranks.const_data_ptr<int64_t>();
-  const float* scale_of = scales.const_data_ptr<float>();
+  const double* scale_of = scales.const_data_ptr<double>();
   const at::Tensor x = x_in.contiguous(), grad = grad_in.contiguous();
   const auto [need_x, need_a, need_b] = output_mask;
 

@@ -1,0 +1,209 @@
+// Shared pieces of the CUDA kernels: element conversions, float bit views, and
+// one tiled fp32-accumulating GEMM kernel whose operands and epilogue are supplied
+// by a small "problem" struct (shrink, expand, weight gradients and merge all use it).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <cstdint>
+#include <limits>
+
+namespace lora_ext::cuda {
+
+// ---------------------------------------------------------------------------
+// Elements: c10::Half / c10::BFloat16 convert on the device with round-to-nearest-even.
+
+template <typename T>
+__device__ __forceinline__ float to_f(T v) {
+  return static_cast<float>(v);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_f(float v) {
+  return static_cast<T>(v);
+}
+
+// Elements per 16-byte vector.
+template <typename T>
+constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+
+// Loads 16 bytes (kVec<T> elements) through the read-only path and widens them.
+template <typename T>
+__device__ __forceinline__ void load_vec(const T* p, float (&out)[kVec<T>]) {
+  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+  const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < kVec<T>; ++i) out[i] = to_f(e[i]);
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Order-preserving integer view of a float's bits (as on the CPU): neighbouring
+// representable values differ by one; +0 and -0 stay distinct.
+template <typename T>
+struct Bits {
+  static constexpr int kBits = 8 * sizeof(T);
+  static constexpr uint32_t kSign = uint32_t(1) << (kBits - 1);
+  static __device__ __forceinline__ uint32_t raw(T v) {
+    if constexpr (sizeof(T) == 4) {
+      return __float_as_uint(v);
+    } else {
+      return v.x;
+    }
+  }
+  static __device__ __forceinline__ T from_raw(uint32_t u) {
+    if constexpr (sizeof(T) == 4) {
+      return __uint_as_float(u);
+    } else {
+      return T(static_cast<uint16_t>(u), T::from_bits());
+    }
+  }
+  static __device__ __forceinline__ int64_t ord(T v) {
+    const uint32_t u = raw(v);
+    return (u & kSign) ? -int64_t(u & ~kSign) - 1 : int64_t(u);
+  }
+  static __device__ __forceinline__ T from_ord(int64_t o) {
+    const uint32_t u = o >= 0 ? uint32_t(o) : (uint32_t(-(o + 1)) | kSign);
+    return from_raw(u);
+  }
+};
+
+// An index read from user data: anything outside [0, n) counts as "none" (-1), so a
+// bad value that slipped past the host check (CUDA-graph capture) reads nothing.
+template <typename I>
+__device__ __forceinline__ int sanitize_index(I v, int64_t n) {
+  return (v >= 0 && static_cast<int64_t>(v) < n) ? static_cast<int>(v) : -1;
+}
+
+// Rank of adapter i, clamped into [0, max_rank]; all of max_rank when ranks is null.
+__device__ __forceinline__ int adapter_rank(const int* ranks, int i, int max_rank) {
+  if (ranks == nullptr) return max_rank;
+  return min(max(ranks[i], 0), max_rank);
+}
+
+// ---------------------------------------------------------------------------
+// The tiled GEMM. A block computes a BM x BN tile of C[m, n] = sum_k P(m, k) Q(k, n)
+// in fp32 (operands staged through shared memory as fp32, k in ascending order, so
+// every output's sum is the same sequence of fmaf whatever the tile shapes), then
+// hands each in-range element to the problem's epilogue.
+//
+// A Problem provides:
+//   struct Tile { int64_t K; int M, N; ... };   M, N: valid extent of this tile (<= BM, BN)
+//   static constexpr bool kPKContig, kQKContig;  which index is contiguous in memory
+//                                                (decides the coalesced load order)
+//   static constexpr bool kReadsOut; using Old;  epilogue needs the old output value
+//   bool setup(int64_t block, int BM, int BN, Tile&) const;   false: nothing to do
+//   float p(const Tile&, int m, int64_t k) const;             m < M, k < K
+//   float q(const Tile&, int64_t k, int n) const;             k < K, n < N
+//   Old load_out(const Tile&, int m, int n) const;            (if kReadsOut)
+//   void store(const Tile&, int m, int n, float acc, Old old) const;
+
+template <int BM, int BN, int BK, int TM, int TN>
+struct TileShape {
+  static constexpr int kBM = BM, kBN = BN, kBK = BK, kTM = TM, kTN = TN;
+  static constexpr int kTX = BN / TN, kTY = BM / TM, kThreads = kTX * kTY;
+  static_assert(BM % TM == 0 && BN % TN == 0, "tile must split evenly into thread tiles");
+  static_assert(kThreads % 32 == 0 && kThreads <= 1024, "whole warps, at most 1024 threads");
+};
+
+template <class S, class Prob>
+__global__ void __launch_bounds__(S::kThreads) tiled_gemm_kernel(const Prob prob) {
+  constexpr int BM = S::kBM, BN = S::kBN, BK = S::kBK, TM = S::kTM, TN = S::kTN;
+  constexpr int kTX = S::kTX, kTY = S::kTY, kThreads = S::kThreads;
+  typename Prob::Tile tile;
+  // Uniform per block, so returning before the barriers below is safe.
+  if (!prob.setup(static_cast<int64_t>(blockIdx.x), BM, BN, tile)) return;
+
+  __shared__ float ps[BK][BM + 1];
+  __shared__ float qs[BK][BN + 1];
+  const int tid = static_cast<int>(threadIdx.x);
+  const int tx = tid % kTX, ty = tid / kTX;
+
+  // Thread (tx, ty) owns rows ty + i * kTY and columns tx + j * kTX: a warp's
+  // epilogue then touches consecutive columns (coalesced).
+  using Old = typename Prob::Old;
+  Old old[TM][TN];
+  if constexpr (Prob::kReadsOut) {
+    // Issued before the main loop so this memory traffic overlaps the arithmetic.
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+      for (int j = 0; j < TN; ++j) {
+        const int m = ty + i * kTY, n = tx + j * kTX;
+        if (m < tile.M && n < tile.N) old[i][j] = prob.load_out(tile, m, n);
+      }
+  } else {
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+      for (int j = 0; j < TN; ++j) old[i][j] = Old();
+  }
+
+  float acc[TM][TN];
+#pragma unroll
+  for (int i = 0; i < TM; ++i)
+#pragma unroll
+    for (int j = 0; j < TN; ++j) acc[i][j] = 0.f;
+
+  for (int64_t k0 = 0; k0 < tile.K; k0 += BK) {
+    const int kc = static_cast<int>(min(static_cast<int64_t>(BK), tile.K - k0));
+    for (int e = tid; e < BM * BK; e += kThreads) {
+      int m, k;
+      if constexpr (Prob::kPKContig) {
+        k = e % BK, m = e / BK;
+      } else {
+        m = e % BM, k = e / BM;
+      }
+      ps[k][m] = (m < tile.M && k < kc) ? prob.p(tile, m, k0 + k) : 0.f;
+    }
+    for (int e = tid; e < BN * BK; e += kThreads) {
+      int n, k;
+      if constexpr (Prob::kQKContig) {
+        k = e % BK, n = e / BK;
+      } else {
+        n = e % BN, k = e / BN;
+      }
+      qs[k][n] = (n < tile.N && k < kc) ? prob.q(tile, k0 + k, n) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < BK; ++k) {
+      float a[TM], b[TN];
+#pragma unroll
+      for (int i = 0; i < TM; ++i) a[i] = ps[k][ty + i * kTY];
+#pragma unroll
+      for (int j = 0; j < TN; ++j) b[j] = qs[k][tx + j * kTX];
+#pragma unroll
+      for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+
+#pragma unroll
+  for (int i = 0; i < TM; ++i)
+#pragma unroll
+    for (int j = 0; j < TN; ++j) {
+      const int m = ty + i * kTY, n = tx + j * kTX;
+      if (m < tile.M && n < tile.N) prob.store(tile, m, n, acc[i][j], old[i][j]);
+    }
+}
+
+// Launches one block per tile on the current stream; a no-op for an empty grid.
+template <class S, class Prob>
+void launch_tiled(const Prob& prob, int64_t num_blocks) {
+  if (num_blocks <= 0) return;
+  TORCH_CHECK(num_blocks <= std::numeric_limits<int32_t>::max(),
+              "lora_ext: problem too large for one launch (", num_blocks, " tiles)");
+  tiled_gemm_kernel<S, Prob><<<static_cast<unsigned>(num_blocks), S::kThreads, 0,
+                               at::cuda::getCurrentCUDAStream()>>>(prob);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace lora_ext::cuda

@@ -1,0 +1,53 @@
+"""Shared test helpers: devices, dtypes and tolerances."""
+
+import pytest
+import torch
+
+import lora_ext  # noqa: F401  (registers the ops)
+
+
+def available_devices() -> list[str]:
+    """CPU always; CUDA only when a GPU is visible, so CUDA cases vanish rather than fail."""
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# Absolute tolerance relative to the reference's magnitude (max |ref|), per dtype.
+# Outputs are rounded once from fp32 accumulators, so these are a few ulps of the output.
+TOLERANCE = {
+    torch.float64: 1e-10,
+    torch.float32: 2e-5,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1.6e-2,
+}
+
+
+def id_formatter(label: str):
+    """pytest ids like `dtype=bfloat16` instead of `dtype2`."""
+
+    def fmt(value):
+        text = str(value).replace("torch.", "")
+        return f"{label}={text}"
+
+    return fmt
+
+
+def assert_close_to_ref(actual: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = ""):
+    """Compare against a float64 reference with the per-dtype tolerance table."""
+    assert actual.shape == ref.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(ref.shape)}"
+    if ref.numel() == 0:
+        return
+    scale = max(ref.abs().max().item(), 1.0)
+    err = (actual.double().cpu() - ref.cpu()).abs().max().item()
+    assert err <= TOLERANCE[dtype] * scale, f"{what}: max error {err:.3g} > {TOLERANCE[dtype]:.1g} * {scale:.3g}"
+
+
+@pytest.fixture(params=available_devices(), ids=id_formatter("device"))
+def device(request):
+    return request.param
+
+
+@pytest.fixture(params=DTYPES, ids=id_formatter("dtype"))
+def dtype(request):
+    return request.param
