@@ -4,6 +4,36 @@ import torch  # noqa: F401  (loads libtorch before _C, which has no RPATH to it)
 
 from . import _C  # noqa: F401  (registers torch.ops.lora_ext.*)
 from .ops import lora_linear, merge_, multi_lora, unmerge_
+from .layers import LoRALinear
+from .model import (
+    delete_adapter,
+    inject_lora,
+    list_adapters,
+    merge_adapter,
+    merge_and_unload,
+    print_trainable_parameters,
+    set_adapter,
+    trainable_parameters,
+    unmerge_adapter,
+)
+from .io import load_adapter, save_adapter
 
-__all__ = ["lora_linear", "multi_lora", "merge_", "unmerge_"]
+__all__ = [
+    "lora_linear",
+    "multi_lora",
+    "merge_",
+    "unmerge_",
+    "LoRALinear",
+    "inject_lora",
+    "set_adapter",
+    "list_adapters",
+    "delete_adapter",
+    "merge_adapter",
+    "unmerge_adapter",
+    "merge_and_unload",
+    "trainable_parameters",
+    "print_trainable_parameters",
+    "save_adapter",
+    "load_adapter",
+]
 __version__ = "0.1.0"

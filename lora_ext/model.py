@@ -1,0 +1,270 @@
+"""Whole-model LoRA: injection, adapter selection, deletion, exact merging."""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .layers import AdapterNames, AdapterSpec, LoRALinear, _AdapterContext, _check_adapter_name
+
+TargetModules = Union[str, Sequence[str]]
+
+
+def _lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def _context(model: nn.Module) -> _AdapterContext:
+    """The model's shared adapter context; one is created (and shared) when needed."""
+    layers = [m for _, m in _lora_layers(model)]
+    ctx = layers[0]._context if layers else _AdapterContext()
+    for layer in layers:  # layers built separately and composed: unify them
+        if layer._context is not ctx:
+            layer._context = ctx
+            for name in layer.specs:
+                ctx.add(name)
+    return ctx
+
+
+def list_adapters(model: nn.Module) -> list[str]:
+    """Names of the adapters loaded in ``model``, in load order."""
+    return list(_context(model).names) if _lora_layers(model) else []
+
+
+def _candidate_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+    """Named modules, without the insides of LoRA layers."""
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(module, LoRALinear):
+            inside.append(name)
+        yield name, module
+
+
+def _matches(name: str, target_modules: TargetModules) -> bool:
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def _resolve_targets(model: nn.Module, target_modules: TargetModules) -> list[str]:
+    """Paths of the modules ``target_modules`` selects; each must be an ``nn.Linear``.
+
+    A list matches a module's full name or its last components (``"q_proj"``); a string
+    is a regular expression over the full name; ``"all-linear"`` is every ``nn.Linear``
+    except the output layer.
+    """
+    if target_modules == "all-linear":
+        output = getattr(model, "get_output_embeddings", lambda: None)()
+        return [
+            n
+            for n, m in _candidate_modules(model)
+            if isinstance(m, (nn.Linear, LoRALinear)) and m is not output and n
+        ]
+    if not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+        if not target_modules or not all(isinstance(t, str) for t in target_modules):
+            raise ValueError(f"target_modules must be a regex or a non-empty list of names, got {target_modules!r}")
+    paths = []
+    for name, module in _candidate_modules(model):
+        if not name or not _matches(name, target_modules):
+            continue
+        if not isinstance(module, (nn.Linear, LoRALinear)):
+            raise TypeError(
+                f"target module {name!r} is a {type(module).__name__}; lora_ext supports nn.Linear only"
+            )
+        paths.append(name)
+    if not paths:
+        raise ValueError(f"target_modules {target_modules!r} matched no nn.Linear in the model")
+    return paths
+
+
+def _attach(model: nn.Module, plan: dict[str, AdapterSpec], adapter_name: str, init: str = "default") -> list[LoRALinear]:
+    """Add ``adapter_name`` to each module of ``plan`` (wrapping plain ``nn.Linear`` s).
+
+    Checks everything first, so a failure changes nothing.
+    """
+    _check_adapter_name(adapter_name)
+    if init not in ("default", "gaussian"):
+        raise ValueError(f"init must be 'default' or 'gaussian', got {init!r}")
+    if adapter_name in list_adapters(model):
+        raise ValueError(f"adapter {adapter_name!r} is already loaded; delete_adapter it first")
+    modules = {}
+    for path, spec in plan.items():
+        spec.validate()
+        try:
+            module = model.get_submodule(path) if path else model
+        except AttributeError:
+            raise ValueError(f"the model has no module {path!r}") from None
+        if not isinstance(module, (nn.Linear, LoRALinear)):
+            raise TypeError(f"module {path!r} is a {type(module).__name__}; lora_ext supports nn.Linear only")
+        if not path and not isinstance(module, LoRALinear):
+            raise ValueError("the model itself is an nn.Linear; wrap it in LoRALinear directly")
+        modules[path] = module
+    ctx = _context(model)
+    layers = []
+    for path, module in modules.items():
+        if not isinstance(module, LoRALinear):
+            module = LoRALinear(module, ctx)
+            parent, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module)
+        spec = plan[path]
+        module.add_adapter(adapter_name, spec.r, spec.alpha, spec.dropout, spec.use_rslora, init)
+        layers.append(module)
+    return layers
+
+
+def inject_lora(
+    model: nn.Module,
+    target_modules: TargetModules,
+    r: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+    adapter_name: str = "default",
+    init: str = "default",
+) -> nn.Module:
+    """Add a trainable LoRA adapter to every ``nn.Linear`` that ``target_modules`` selects.
+
+    Matching modules become :class:`LoRALinear` (modules that already are get one more
+    adapter). Every other parameter is frozen; the new adapter is the only trainable
+    one and becomes the active adapter. Returns ``model``.
+    """
+    spec = AdapterSpec(int(r), float(alpha), float(dropout), bool(use_rslora))
+    paths = _resolve_targets(model, target_modules)
+    layers = _attach(model, {p: spec for p in paths}, adapter_name, init)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in layers:
+        layer.lora_A[adapter_name].requires_grad_(True)
+        layer.lora_B[adapter_name].requires_grad_(True)
+    _context(model).select(adapter_name)
+    return model
+
+
+class AdapterSelection:
+    """Returned by :func:`set_adapter`; as a context manager it restores the previous choice."""
+
+    def __init__(self, ctx: _AdapterContext, names: AdapterNames):
+        self._ctx = ctx
+        previous = ctx.selection
+        self._previous = None if previous is None else (
+            previous.names if previous.per_row else previous.names[0]
+        )
+        ctx.select(names)
+
+    def __enter__(self) -> "AdapterSelection":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._ctx.select(self._previous)
+
+
+def set_adapter(model: nn.Module, names: AdapterNames) -> AdapterSelection:
+    """Choose the adapter of every batch row, for all LoRA layers of ``model``.
+
+    ``names``: one adapter name (or None for the base model) for the whole batch, or a
+    list with one entry per batch row (None: that row uses the base model). Token rows
+    of a ``[batch, seq, hidden]`` input use their batch row's adapter; a batch k times
+    longer than the list (``generate`` with ``num_beams=k``) repeats each entry k times.
+    Also a context manager: ``with set_adapter(model, ["a", None, "b"]): model(...)``.
+    """
+    if not _lora_layers(model):
+        raise ValueError("the model has no LoRA layers; inject_lora or load_adapter first")
+    return AdapterSelection(_context(model), names)
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove ``adapter_name`` from every layer and free its memory.
+
+    Rows selected for it fall back to the base model.
+    """
+    layers = [m for _, m in _lora_layers(model) if adapter_name in m.specs]
+    if not layers:
+        raise ValueError(f"no adapter {adapter_name!r}; loaded adapters: {list_adapters(model)}")
+    if any(m.merged_adapter == adapter_name for m in layers):
+        raise ValueError(f"adapter {adapter_name!r} is merged; unmerge_adapter first")
+    for layer in layers:
+        layer.delete_adapter(adapter_name)
+    _context(model).remove(adapter_name)
+
+
+def _merge_targets(model: nn.Module, adapter_name: str, safe: bool) -> list[LoRALinear]:
+    layers = [(n, m) for n, m in _lora_layers(model) if adapter_name in m.specs]
+    if not layers:
+        raise ValueError(f"no adapter {adapter_name!r}; loaded adapters: {list_adapters(model)}")
+    for name, m in layers:
+        if m.merged_adapter is not None:
+            raise ValueError(f"{name}: adapter {m.merged_adapter!r} is already merged; unmerge_adapter first")
+    if safe:
+        for name, m in layers:
+            if not m.merge_is_finite(adapter_name):
+                raise ValueError(
+                    f"merging adapter {adapter_name!r} into {name} gives non-finite weights; "
+                    "nothing was changed"
+                )
+    return [m for _, m in layers]
+
+
+def merge_adapter(model: nn.Module, adapter_name: str, safe: bool = True) -> None:
+    """Add ``adapter_name`` into the base weights (undo with :func:`unmerge_adapter`).
+
+    The round trip is bit-exact in every dtype: each layer keeps an int8 residual per
+    weight element (plus a list of the rare elements that do not fit). ``safe`` first
+    checks, for every layer, that the merged weights would be finite, and changes
+    nothing otherwise. While merged, the model computes with the merged weights.
+    """
+    for layer in _merge_targets(model, adapter_name, safe):
+        layer.merge(adapter_name, exact=True)
+
+
+def unmerge_adapter(model: nn.Module) -> None:
+    """Restore every base weight bit for bit from a :func:`merge_adapter`."""
+    layers = [m for _, m in _lora_layers(model) if m.merged_adapter is not None]
+    for layer in layers:
+        layer.check_unmerge()
+    for layer in layers:
+        layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module, adapter_name: str = "default", safe: bool = True) -> nn.Module:
+    """Merge ``adapter_name`` for good and replace every LoRA layer by its plain ``nn.Linear``."""
+    layers = _lora_layers(model)
+    merged = {m.merged_adapter for _, m in layers} - {None}
+    if merged and merged != {adapter_name}:
+        raise ValueError(f"adapter {merged.pop()!r} is merged; unmerge_adapter first")
+    if merged:
+        for _, m in layers:
+            m.forget_merge()
+    else:
+        for layer in _merge_targets(model, adapter_name, safe):
+            layer.merge(adapter_name, exact=False)
+    for path, m in layers:
+        parent, _, child = path.rpartition(".")
+        if not path:
+            return m.base_layer
+        setattr(model.get_submodule(parent) if parent else model, child, m.base_layer)
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts (shared parameters counted once)."""
+    trainable = total = 0
+    for p in model.parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print PEFT's one-line report of trainable vs. total parameters."""
+    trainable, total = trainable_parameters(model)
+    print(
+        f"trainable params: {trainable:,d} || all params: {total:,d} || "
+        f"trainable%: {100.0 * trainable / max(total, 1):.4f}"
+    )
