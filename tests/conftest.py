@@ -51,3 +51,32 @@ def device(request):
 @pytest.fixture(params=DTYPES, ids=id_formatter("dtype"))
 def dtype(request):
     return request.param
+
+
+# --- tiny random Llama models for the layer/model/io tests (no download) ---------
+
+
+def _tiny_llama(dtype: torch.dtype = torch.float32, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    """Factory: ``tiny_llama(dtype=torch.float32, seed=0)`` -> a fresh random LlamaForCausalLM."""
+    pytest.importorskip("transformers")
+    return _tiny_llama

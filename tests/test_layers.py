@@ -1,0 +1,180 @@
+"""LoRALinear on its own: forward against float64 references, stacks, gradients, dropout."""
+
+import gc
+import math
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import lora_ext
+from lora_ext import LoRALinear
+
+from conftest import assert_close_to_ref
+
+
+def _layer(dtype=torch.float32, in_f=24, out_f=20, bias=True, seed=0):
+    torch.manual_seed(seed)
+    return LoRALinear(nn.Linear(in_f, out_f, bias=bias).to(dtype))
+
+
+def _add(layer, name, r, alpha, **kw):
+    """Add an adapter with random (non-zero) B, so its contribution shows."""
+    layer.add_adapter(name, r=r, alpha=alpha, **kw)
+    with torch.no_grad():
+        layer.lora_B[name].normal_()
+    return layer
+
+
+def _ref(layer, x, name):
+    """float64 reference of one row set through one adapter (None: base)."""
+    w = layer.base_layer.weight.double()
+    y = x.double() @ w.T
+    if layer.base_layer.bias is not None:
+        y = y + layer.base_layer.bias.double()
+    if name is not None:
+        a, b = layer.lora_A[name].double(), layer.lora_B[name].double()
+        y = y + layer.specs[name].scale * (x.double() @ a.T) @ b.T
+    return y
+
+
+@pytest.mark.parametrize("use_rslora", [False, True], ids=["plain", "rslora"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_single_adapter_matches_reference(dtype, use_rslora, bias):
+    layer = _add(_layer(dtype, bias=bias), "a", r=6, alpha=12, use_rslora=use_rslora)
+    expected = 12 / math.sqrt(6) if use_rslora else 12 / 6
+    assert layer.specs["a"].scale == pytest.approx(expected)
+    x = torch.randn(3, 5, 24).to(dtype)
+    with torch.no_grad(), lora_ext.set_adapter(layer, "a"):
+        y = layer(x)
+    assert y.dtype == dtype
+    assert_close_to_ref(y, _ref(layer, x, "a"), dtype, "lora_linear path")
+    with torch.no_grad(), lora_ext.set_adapter(layer, None):
+        assert_close_to_ref(layer(x), _ref(layer, x, None), dtype, "base path")
+
+
+def test_peft_initialisation():
+    layer = _layer(in_f=400, out_f=30)
+    layer.add_adapter("a", r=16, alpha=16)
+    layer.add_adapter("g", r=16, alpha=16, init="gaussian")
+    assert torch.count_nonzero(layer.lora_B["a"]) == 0
+    assert torch.count_nonzero(layer.lora_B["g"]) == 0
+    bound = 1 / math.sqrt(400)  # kaiming_uniform_(a=sqrt(5)) on fan_in 400
+    a = layer.lora_A["a"]
+    assert a.abs().max() <= bound and a.abs().max() > 0.9 * bound
+    assert layer.lora_A["g"].std().item() == pytest.approx(1 / 16, rel=0.1)
+    with pytest.raises(ValueError, match="init"):
+        layer.add_adapter("z", init="orthogonal")
+    with pytest.raises(ValueError, match="adapter name"):
+        layer.add_adapter("has.dot")
+    with pytest.raises(ValueError, match="already exists"):
+        layer.add_adapter("a")
+    with pytest.raises(TypeError):
+        LoRALinear(nn.Conv1d(3, 3, 1))
+
+
+def test_mixed_batch_matches_per_row(dtype):
+    layer = _layer(dtype)
+    for name, r, alpha in (("a", 2, 4), ("b", 8, 8), ("c", 5, 20)):
+        _add(layer, name, r, alpha)
+    a_stack, b_stack, scales, ranks = layer.stacks()
+    assert a_stack.shape == (3, 8, 24) and b_stack.shape == (3, 20, 8)
+    assert ranks.tolist() == [2, 8, 5] and scales.tolist() == pytest.approx([2.0, 1.0, 4.0])
+    assert torch.count_nonzero(a_stack[0, 2:]) == 0  # zero padded beyond each rank
+    names = ["c", None, "a", "b", "a"]
+    x = torch.randn(len(names), 4, 24).to(dtype)
+    with torch.no_grad(), lora_ext.set_adapter(layer, names):
+        y = layer(x)
+    for i, name in enumerate(names):
+        assert_close_to_ref(y[i], _ref(layer, x[i], name), dtype, f"row {i} ({name})")
+
+
+def test_stacks_cached_in_inference_and_refreshed_on_change():
+    layer = _add(_add(_layer(), "a", 4, 8), "b", 2, 2)
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    first = layer.stacks()
+    assert layer.stacks()[0] is first[0]  # no re-stacking per call
+    with torch.no_grad():
+        layer.lora_B["b"].mul_(2)  # in-place change: version counter moves
+    second = layer.stacks()
+    assert second[0] is not first[0]
+    torch.testing.assert_close(second[1][1, :, :2], layer.lora_B["b"])
+    layer.add_adapter("c", r=3)
+    assert layer.stacks()[0].shape == (3, 4, 24)
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["one_adapter", "mixed_batch"])
+def test_gradients_reach_adapter_parameters(mixed):
+    torch.manual_seed(1)
+    layer = _add(_add(_layer(), "a", 3, 6), "b", 5, 5)
+    names = ["a", "b", None, "a"] if mixed else "a"
+    x = torch.randn(4, 3, 24, requires_grad=True)
+    target = torch.randn(4, 3, 20)
+    with lora_ext.set_adapter(layer, names):
+        ((layer(x) - target) ** 2).sum().backward()
+    # float64 reference through plain autograd
+    params = {k: p.detach().double().requires_grad_(True) for k, p in layer.named_parameters()}
+    xr = x.detach().double().requires_grad_(True)
+    rows = names if mixed else ["a"] * 4
+    outs = []
+    for i, name in enumerate(rows):
+        y = xr[i] @ params["base_layer.weight"].T + params["base_layer.bias"]
+        if name is not None:
+            a, b = params[f"lora_A.{name}"], params[f"lora_B.{name}"]
+            y = y + layer.specs[name].scale * (xr[i] @ a.T) @ b.T
+        outs.append(y)
+    ((torch.stack(outs) - target.double()) ** 2).sum().backward()
+    assert layer.base_layer.weight.grad is None  # frozen
+    for key, p in layer.named_parameters():
+        if key.startswith("lora_"):
+            ref = params[key].grad
+            if not mixed and ".b" in key:
+                assert p.grad is None or torch.count_nonzero(p.grad) == 0
+                continue
+            assert p.grad is not None, key
+            torch.testing.assert_close(p.grad.double(), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_dropout_applies_to_lora_path_only():
+    layer = _add(_layer(), "a", 4, 8, dropout=0.5)
+    x = torch.randn(6, 24)
+    lora_ext.set_adapter(layer, "a")
+    layer.train()
+    torch.manual_seed(7)
+    y = layer(x)
+    torch.manual_seed(7)
+    xd = torch.nn.functional.dropout(x, 0.5, training=True)
+    a, b = layer.lora_A["a"].detach(), layer.lora_B["a"].detach()
+    expected = layer.base_layer(x) + 2.0 * (xd @ a.T) @ b.T
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    # Mixed batch in training: still a dropout on the LoRA path, base untouched.
+    layer.add_adapter("b", r=2)  # B zero: rows on "b" give exactly the base output
+    with lora_ext.set_adapter(layer, ["b", "a", None]):
+        y = layer(x[:3])
+    torch.testing.assert_close(y[0], layer.base_layer(x[0]), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y[2], layer.base_layer(x[2]), rtol=1e-6, atol=1e-6)
+    layer.eval()  # no dropout in eval: same as the reference
+    with torch.no_grad():
+        assert_close_to_ref(layer(x), _ref(layer, x, "a"), torch.float32)
+
+
+def test_delete_adapter_frees_memory():
+    layer = _add(_add(_layer(), "a", 4, 8), "b", 4, 8)
+    lora_ext.set_adapter(layer, ["a", "b"])
+    with torch.no_grad():
+        layer(torch.randn(2, 24))  # builds the stacks
+    refs = [weakref.ref(layer.lora_A["a"]), weakref.ref(layer.lora_B["a"])]
+    stack_ref = weakref.ref(layer._stack[0])
+    lora_ext.delete_adapter(layer, "a")
+    gc.collect()
+    assert all(r() is None for r in refs) and stack_ref() is None
+    assert layer.adapter_names == ["b"] and lora_ext.list_adapters(layer) == ["b"]
+    with torch.no_grad():  # the row that used "a" now gets the base model
+        x = torch.randn(2, 24)
+        assert_close_to_ref(layer(x)[0], _ref(layer, x[0], None), torch.float32)
+        assert_close_to_ref(layer(x)[1], _ref(layer, x[1], "b"), torch.float32)
+    with pytest.raises(ValueError, match="no adapter"):
+        lora_ext.delete_adapter(layer, "a")
