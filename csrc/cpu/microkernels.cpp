@@ -50,13 +50,36 @@ struct Impl {
       if constexpr (std::is_same_v<T, Acc>) {
         v.store(p);
       } else {
-        at::vec::convert_from_float<T>(v, v).store(p, kVL);
+        // A constant-size copy of half a converted vector (a partial Vectorized
+        // store would call memcpy with a run-time size).
+        alignas(64) T tmp[2 * kVL];
+        at::vec::convert_from_float<T>(v, v).store(tmp);
+        std::memcpy(p, tmp, kVL * sizeof(T));
       }
       return;
     }
     alignas(64) Acc tmp[kVL];
     v.store(tmp);
     for (int64_t i = 0; i < count; ++i) p[i] = static_cast<T>(tmp[i]);
+  }
+
+  // Two vectors' worth (2 * kVL elements): one full vector of a 16-bit T.
+  static void load2(const T* p, Vec& v0, Vec& v1) {
+    if constexpr (std::is_same_v<T, Acc>) {
+      v0 = Vec::loadu(p);
+      v1 = Vec::loadu(p + kVL);
+    } else {
+      at::vec::load_to_float<T>(p, v0, v1);
+    }
+  }
+
+  static void store2(T* p, const Vec& v0, const Vec& v1) {
+    if constexpr (std::is_same_v<T, Acc>) {
+      v0.store(p);
+      v1.store(p + kVL);
+    } else {
+      at::vec::convert_from_float<T>(v0, v1).store(p);
+    }
   }
 
   // -------------------------------------------------------------------------
@@ -89,11 +112,18 @@ struct Impl {
           for (int jj = 0; jj < JB; ++jj) acc[r][jj] = at::vec::fmadd(xv, av[jj], acc[r][jj]);
         }
       }
+      // Reduce with constant indices only: a run-time index into acc would make the
+      // compiler keep it in memory inside the hot loop.
+      Acc sums[ROWS][JB];
+#pragma GCC unroll 8
+      for (int r = 0; r < ROWS; ++r)
+#pragma GCC unroll 8
+        for (int jj = 0; jj < JB; ++jj)
+          sums[r][jj] = at::vec::vec_reduce_all<Acc>(
+              [](const Vec& p, const Vec& q) { return p + q; }, acc[r][jj]);
       const int64_t jn = std::min<int64_t>(JB, rank - j0);
       for (int r = 0; r < ROWS; ++r)
-        for (int64_t jj = 0; jj < jn; ++jj)
-          xa_rows[r][j0 + jj] = at::vec::vec_reduce_all<Acc>(
-              [](const Vec& p, const Vec& q) { return p + q; }, acc[r][jj]);
+        for (int64_t jj = 0; jj < jn; ++jj) xa_rows[r][j0 + jj] = sums[r][jj];
     }
   }
 
@@ -140,16 +170,28 @@ struct Impl {
         for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(xv, bv[v], acc[r][v]);
       }
     }
+    // Out through memory with constant indices (see merge_block).
     const Vec vscale(scale);
+    alignas(64) Acc tile[ROWS][kOutBlock];
+#pragma GCC unroll 16
+    for (int r = 0; r < ROWS; ++r)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) (acc[r][v] * vscale).store(tile[r] + v * kVL);
     for (int r = 0; r < ROWS; ++r) {
-      for (int v = 0; v < NV; ++v) {
-        const int64_t o = v * kVL;
-        const int64_t count = std::min<int64_t>(kVL, nout - o);
-        if (count <= 0) break;
-        Vec out = acc[r][v] * vscale;
-        if (base_rows != nullptr)
-          out = out + (count == kVL ? load(base_rows[r] + o) : load(base_rows[r] + o, count));
-        store(y_rows[r] + o, out, count);
+      if (nout == kOutBlock) {
+        for (int v = 0; v < NV; v += 2) {
+          Vec out0 = Vec::loadu(tile[r] + v * kVL), out1 = Vec::loadu(tile[r] + (v + 1) * kVL);
+          if (base_rows != nullptr) {
+            Vec b0, b1;
+            load2(base_rows[r] + v * kVL, b0, b1);
+            out0 = out0 + b0;
+            out1 = out1 + b1;
+          }
+          store2(y_rows[r] + v * kVL, out0, out1);
+        }
+      } else {
+        for (int64_t o = 0; o < nout; ++o)
+          y_rows[r][o] = static_cast<T>(tile[r][o] + (base_rows ? to_acc(base_rows[r][o]) : Acc(0)));
       }
     }
   }
@@ -223,33 +265,45 @@ struct Impl {
     alignas(64) Acc d[ROWS][kCols];
     for (int64_t k = 0; k < in; k += kCols) {
       const int64_t ncols = std::min<int64_t>(kCols, in - k);
-      const int64_t n0 = std::min<int64_t>(kVL, ncols), n1 = ncols - n0;
       Vec acc[ROWS][2];
       for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = Vec(Acc(0));
-      for (int64_t j = 0; j < rank; ++j) {
-        const Acc* aj = a + j * in + k;
-        const Vec a0 = ncols == kCols ? Vec::loadu(aj) : Vec::loadu(aj, n0);
-        const Vec a1 = ncols == kCols ? Vec::loadu(aj + kVL)
-                       : n1 > 0       ? Vec::loadu(aj + kVL, n1)
-                                      : Vec(Acc(0));
-        for (int r = 0; r < ROWS; ++r) {
-          const Vec bv(b[r * rank + j]);
-          acc[r][0] = at::vec::fmadd(bv, a0, acc[r][0]);
-          acc[r][1] = at::vec::fmadd(bv, a1, acc[r][1]);
+      if (ncols == kCols) {
+        for (int64_t j = 0; j < rank; ++j) {
+          const Vec a0 = Vec::loadu(a + j * in + k), a1 = Vec::loadu(a + j * in + k + kVL);
+          for (int r = 0; r < ROWS; ++r) {
+            const Vec bv(b[r * rank + j]);
+            acc[r][0] = at::vec::fmadd(bv, a0, acc[r][0]);
+            acc[r][1] = at::vec::fmadd(bv, a1, acc[r][1]);
+          }
         }
+      } else {
+        const int64_t n0 = std::min<int64_t>(kVL, ncols), n1 = ncols - n0;
+        for (int64_t j = 0; j < rank; ++j) {
+          const Vec a0 = Vec::loadu(a + j * in + k, n0);
+          const Vec a1 = n1 > 0 ? Vec::loadu(a + j * in + k + kVL, n1) : Vec(Acc(0));
+          for (int r = 0; r < ROWS; ++r) {
+            const Vec bv(b[r * rank + j]);
+            acc[r][0] = at::vec::fmadd(bv, a0, acc[r][0]);
+            acc[r][1] = at::vec::fmadd(bv, a1, acc[r][1]);
+          }
+        }
+      }
+      // Leave the accumulators through memory with constant indices only; a run-time
+      // index into acc would make GCC store it on every iteration of the loop above.
+#pragma GCC unroll 16
+      for (int r = 0; r < ROWS; ++r) {
+        (acc[r][0] * vscale).store(d[r]);
+        (acc[r][1] * vscale).store(d[r] + kVL);
       }
       for (int r = 0; r < ROWS; ++r) {
         T* wr = w + r * in + k;
-        if (mode == MergeMode::kAdd) {
-          for (int h = 0; h < 2; ++h) {
-            const int64_t count = std::min<int64_t>(kVL, ncols - h * kVL);
-            if (count <= 0) break;
-            const Vec old = count == kVL ? load(wr + h * kVL) : load(wr + h * kVL, count);
-            store(wr + h * kVL, at::vec::fmadd(acc[r][h], vscale, old), count);
-          }
+        if (mode == MergeMode::kAdd && ncols == kCols) {
+          Vec w0, w1;
+          load2(wr, w0, w1);
+          store2(wr, w0 + Vec::loadu(d[r]), w1 + Vec::loadu(d[r] + kVL));
+        } else if (mode == MergeMode::kAdd) {
+          for (int64_t c = 0; c < ncols; ++c) wr[c] = static_cast<T>(to_acc(wr[c]) + d[r][c]);
         } else {
-          (acc[r][0] * vscale).store(d[r]);
-          (acc[r][1] * vscale).store(d[r] + kVL);
           overflows += apply_exact(wr, residual + r * in + k, d[r], ncols, mode,
                                    (row0 + r) * in + k, overflow_offset + overflows,
                                    overflow_value + overflows);
