@@ -285,7 +285,11 @@ OPCHECK_CASES = [
 def test_opcheck(case, device):
     op_name = case.replace("_bias_grad", "").replace("_no_opt", "")
     args = _opcheck_samples(device)[case]
-    opcheck(getattr(torch.ops.lora_ext, op_name).default, args, test_utils="ALL")
+    tests = "ALL"
+    if op_name == "merge_exact_":
+        # Its outputs have a data-dependent size, which AOT dispatch cannot trace.
+        tests = ("test_schema", "test_autograd_registration", "test_faketensor")
+    opcheck(getattr(torch.ops.lora_ext, op_name).default, args, test_utils=tests)
 
 
 def test_gradcheck_lora_linear():
