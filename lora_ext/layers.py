@@ -42,6 +42,8 @@ def _check_adapter_name(name: str) -> None:
         raise ValueError(
             f"adapter name must be a non-empty string of letters, digits, '_' or '-', got {name!r}"
         )
+    if hasattr(nn.ParameterDict, name):  # would shadow a method of the parameter dicts
+        raise ValueError(f"adapter name {name!r} is reserved (an nn.Module attribute); choose another")
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,8 @@ def test_peft_initialisation():
         layer.add_adapter("z", init="orthogonal")
     with pytest.raises(ValueError, match="adapter name"):
         layer.add_adapter("has.dot")
+    with pytest.raises(ValueError, match="reserved"):
+        layer.add_adapter("half")
     with pytest.raises(ValueError, match="already exists"):
         layer.add_adapter("a")
     with pytest.raises(TypeError):
