@@ -10,20 +10,40 @@
 
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 namespace lora_ext::cuda {
 
 // ---------------------------------------------------------------------------
 // Elements: c10::Half / c10::BFloat16 convert on the device with round-to-nearest-even.
 
+// Accumulation type: fp32 for float/half/bfloat16, fp64 for double (gradcheck).
 template <typename T>
-__device__ __forceinline__ float to_f(T v) {
-  return static_cast<float>(v);
-}
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 template <typename T>
-__device__ __forceinline__ T from_f(float v) {
+__device__ __forceinline__ acc_t<T> to_acc(T v) {
+  return static_cast<acc_t<T>>(v);
+}
+
+template <typename T, typename A>
+__device__ __forceinline__ T from_acc(A v) {
   return static_cast<T>(v);
+}
+
+__device__ __forceinline__ float fma_acc(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double fma_acc(double a, double b, double c) { return fma(a, b, c); }
+// Explicitly rounded operations: never contracted into an fma.
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
+__device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
+
+// The scalar type of acc_t<T> for allocating intermediates and scales.
+inline at::ScalarType acc_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 // Elements per 16-byte vector.
@@ -32,11 +52,11 @@ constexpr int kVec = 16 / static_cast<int>(sizeof(T));
 
 // Loads 16 bytes (kVec<T> elements) through the read-only path and widens them.
 template <typename T>
-__device__ __forceinline__ void load_vec(const T* p, float (&out)[kVec<T>]) {
+__device__ __forceinline__ void load_vec(const T* p, acc_t<T> (&out)[kVec<T>]) {
   const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
   const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-  for (int i = 0; i < kVec<T>; ++i) out[i] = to_f(e[i]);
+  for (int i = 0; i < kVec<T>; ++i) out[i] = to_acc(e[i]);
 }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -45,28 +65,32 @@ inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 1
 // representable values differ by one; +0 and -0 stay distinct.
 template <typename T>
 struct Bits {
-  static constexpr int kBits = 8 * sizeof(T);
-  static constexpr uint32_t kSign = uint32_t(1) << (kBits - 1);
-  static __device__ __forceinline__ uint32_t raw(T v) {
-    if constexpr (sizeof(T) == 4) {
+  using U = std::conditional_t<sizeof(T) == 8, uint64_t, uint32_t>;
+  static constexpr U kSign = U(1) << (8 * sizeof(T) - 1);
+  static __device__ __forceinline__ U raw(T v) {
+    if constexpr (sizeof(T) == 8) {
+      return static_cast<U>(__double_as_longlong(v));
+    } else if constexpr (sizeof(T) == 4) {
       return __float_as_uint(v);
     } else {
       return v.x;
     }
   }
-  static __device__ __forceinline__ T from_raw(uint32_t u) {
-    if constexpr (sizeof(T) == 4) {
+  static __device__ __forceinline__ T from_raw(U u) {
+    if constexpr (sizeof(T) == 8) {
+      return __longlong_as_double(static_cast<long long>(u));
+    } else if constexpr (sizeof(T) == 4) {
       return __uint_as_float(u);
     } else {
       return T(static_cast<uint16_t>(u), T::from_bits());
     }
   }
   static __device__ __forceinline__ int64_t ord(T v) {
-    const uint32_t u = raw(v);
-    return (u & kSign) ? -int64_t(u & ~kSign) - 1 : int64_t(u);
+    const U u = raw(v);
+    return (u & kSign) ? -static_cast<int64_t>(u & ~kSign) - 1 : static_cast<int64_t>(u);
   }
   static __device__ __forceinline__ T from_ord(int64_t o) {
-    const uint32_t u = o >= 0 ? uint32_t(o) : (uint32_t(-(o + 1)) | kSign);
+    const U u = o >= 0 ? static_cast<U>(o) : (static_cast<U>(-(o + 1)) | kSign);
     return from_raw(u);
   }
 };
@@ -86,7 +110,7 @@ __device__ __forceinline__ int adapter_rank(const int* ranks, int i, int max_ran
 
 // ---------------------------------------------------------------------------
 // The tiled GEMM. A block computes a BM x BN tile of C[m, n] = sum_k P(m, k) Q(k, n)
-// in fp32 (operands staged through shared memory as fp32, k in ascending order, so
+// in Prob::Acc (fp32, or fp64 for double; operands staged through shared memory as Acc, k in ascending order, so
 // every output's sum is the same sequence of fmaf whatever the tile shapes), then
 // hands each in-range element to the problem's epilogue.
 //
@@ -95,11 +119,12 @@ __device__ __forceinline__ int adapter_rank(const int* ranks, int i, int max_ran
 //   static constexpr bool kPKContig, kQKContig;  which index is contiguous in memory
 //                                                (decides the coalesced load order)
 //   static constexpr bool kReadsOut; using Old;  epilogue needs the old output value
+//   using Acc;                                   accumulation type
 //   bool setup(int64_t block, int BM, int BN, Tile&) const;   false: nothing to do
-//   float p(const Tile&, int m, int64_t k) const;             m < M, k < K
-//   float q(const Tile&, int64_t k, int n) const;             k < K, n < N
+//   Acc p(const Tile&, int m, int64_t k) const;               m < M, k < K
+//   Acc q(const Tile&, int64_t k, int n) const;               k < K, n < N
 //   Old load_out(const Tile&, int m, int n) const;            (if kReadsOut)
-//   void store(const Tile&, int m, int n, float acc, Old old) const;
+//   void store(const Tile&, int m, int n, Acc acc, Old old) const;
 
 template <int BM, int BN, int BK, int TM, int TN>
 struct TileShape {
@@ -117,8 +142,9 @@ __global__ void __launch_bounds__(S::kThreads) tiled_gemm_kernel(const Prob prob
   // Uniform per block, so returning before the barriers below is safe.
   if (!prob.setup(static_cast<int64_t>(blockIdx.x), BM, BN, tile)) return;
 
-  __shared__ float ps[BK][BM + 1];
-  __shared__ float qs[BK][BN + 1];
+  using Acc = typename Prob::Acc;
+  __shared__ Acc ps[BK][BM + 1];
+  __shared__ Acc qs[BK][BN + 1];
   const int tid = static_cast<int>(threadIdx.x);
   const int tx = tid % kTX, ty = tid / kTX;
 
@@ -142,11 +168,11 @@ __global__ void __launch_bounds__(S::kThreads) tiled_gemm_kernel(const Prob prob
       for (int j = 0; j < TN; ++j) old[i][j] = Old();
   }
 
-  float acc[TM][TN];
+  Acc acc[TM][TN];
 #pragma unroll
   for (int i = 0; i < TM; ++i)
 #pragma unroll
-    for (int j = 0; j < TN; ++j) acc[i][j] = 0.f;
+    for (int j = 0; j < TN; ++j) acc[i][j] = Acc(0);
 
   for (int64_t k0 = 0; k0 < tile.K; k0 += BK) {
     const int kc = static_cast<int>(min(static_cast<int64_t>(BK), tile.K - k0));
@@ -157,7 +183,7 @@ __global__ void __launch_bounds__(S::kThreads) tiled_gemm_kernel(const Prob prob
       } else {
         m = e % BM, k = e / BM;
       }
-      ps[k][m] = (m < tile.M && k < kc) ? prob.p(tile, m, k0 + k) : 0.f;
+      ps[k][m] = (m < tile.M && k < kc) ? prob.p(tile, m, k0 + k) : Acc(0);
     }
     for (int e = tid; e < BN * BK; e += kThreads) {
       int n, k;
@@ -166,12 +192,12 @@ __global__ void __launch_bounds__(S::kThreads) tiled_gemm_kernel(const Prob prob
       } else {
         n = e % BN, k = e / BN;
       }
-      qs[k][n] = (n < tile.N && k < kc) ? prob.q(tile, k0 + k, n) : 0.f;
+      qs[k][n] = (n < tile.N && k < kc) ? prob.q(tile, k0 + k, n) : Acc(0);
     }
     __syncthreads();
 #pragma unroll
     for (int k = 0; k < BK; ++k) {
-      float a[TM], b[TN];
+      Acc a[TM], b[TN];
 #pragma unroll
       for (int i = 0; i < TM; ++i) a[i] = ps[k][ty + i * kTY];
 #pragma unroll
@@ -179,7 +205,7 @@ __global__ void __launch_bounds__(S::kThreads) tiled_gemm_kernel(const Prob prob
 #pragma unroll
       for (int i = 0; i < TM; ++i)
 #pragma unroll
-        for (int j = 0; j < TN; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+        for (int j = 0; j < TN; ++j) acc[i][j] = fma_acc(a[i], b[j], acc[i][j]);
     }
     __syncthreads();
   }

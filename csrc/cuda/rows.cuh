@@ -45,7 +45,7 @@ struct AdapterOperand {
   int64_t adapter_stride, sn, sk;
 };
 
-// H[row, n] = scale_i * sum_k P[row, k] Q_i(k, n) for n < rank_i, in fp32.
+// H[row, n] = scale_i * sum_k P[row, k] Q_i(k, n) for n < rank_i, in acc_t<T>.
 // P is [T, K] (row stride ldp); columns n >= rank_i of H are not written.
 template <typename T, bool QKContig>
 struct ShrinkProblem {
@@ -55,17 +55,18 @@ struct ShrinkProblem {
   AdapterOperand<T> qop;
   const int* ranks;  // null: all max_rank
   int max_rank;
-  const float* scales;  // null: 1
-  float* h;
+  const acc_t<T>* scales;  // null: 1
+  acc_t<T>* h;
   int64_t ldh, n_tiles;
 
   static constexpr bool kPKContig = true, kQKContig = QKContig, kReadsOut = false;
-  using Old = float;
+  using Acc = acc_t<T>;
+  using Old = Acc;
   struct Tile {
     int64_t K, start;
     int M, N, n0;
     const T* q;
-    float scale;
+    Acc scale;
   };
 
   __device__ bool setup(int64_t b, int BM, int BN, Tile& t) const {
@@ -78,16 +79,16 @@ struct ShrinkProblem {
     t.N = min(BN, rank - t.n0);
     t.K = K;
     t.q = qop.ptr + adapter * qop.adapter_stride + t.n0 * qop.sn;
-    t.scale = scales != nullptr ? scales[adapter] : 1.f;
+    t.scale = scales != nullptr ? scales[adapter] : Acc(1);
     return true;
   }
-  __device__ float p(const Tile& t, int m, int64_t k) const {
-    return to_f(pp[rows.row(t.start, m) * ldp + k]);
+  __device__ Acc p(const Tile& t, int m, int64_t k) const {
+    return to_acc(pp[rows.row(t.start, m) * ldp + k]);
   }
-  __device__ float q(const Tile& t, int64_t k, int n) const {
-    return to_f(t.q[n * qop.sn + k * qop.sk]);
+  __device__ Acc q(const Tile& t, int64_t k, int n) const {
+    return to_acc(t.q[n * qop.sn + k * qop.sk]);
   }
-  __device__ void store(const Tile& t, int m, int n, float acc, Old) const {
+  __device__ void store(const Tile& t, int m, int n, Acc acc, Old) const {
     h[rows.row(t.start, m) * ldh + t.n0 + n] = acc * t.scale;
   }
 };
@@ -97,7 +98,7 @@ struct ShrinkProblem {
 template <typename T, bool QKContig, bool Accumulate>
 struct ExpandProblem {
   RowGroups rows;
-  const float* h;
+  const acc_t<T>* h;
   int64_t ldh;
   AdapterOperand<T> qop;
   const int* ranks;
@@ -106,10 +107,11 @@ struct ExpandProblem {
   T* y;
   int64_t ldy;
   const T* bias;  // only without Accumulate; may be null
-  float out_scale;
+  acc_t<T> out_scale;
   int64_t n_tiles;
 
   static constexpr bool kPKContig = true, kQKContig = QKContig, kReadsOut = Accumulate;
+  using Acc = acc_t<T>;
   using Old = T;
   struct Tile {
     int64_t K, start, n0;
@@ -128,24 +130,24 @@ struct ExpandProblem {
     t.q = qop.ptr + adapter * qop.adapter_stride + t.n0 * qop.sn;
     return true;
   }
-  __device__ float p(const Tile& t, int m, int64_t k) const {
+  __device__ Acc p(const Tile& t, int m, int64_t k) const {
     return h[rows.row(t.start, m) * ldh + k];
   }
-  __device__ float q(const Tile& t, int64_t k, int n) const {
-    return to_f(t.q[n * qop.sn + k * qop.sk]);
+  __device__ Acc q(const Tile& t, int64_t k, int n) const {
+    return to_acc(t.q[n * qop.sn + k * qop.sk]);
   }
   __device__ T load_out(const Tile& t, int m, int n) const {
     return y[rows.row(t.start, m) * ldy + t.n0 + n];
   }
-  __device__ void store(const Tile& t, int m, int n, float acc, T old) const {
-    float v;
+  __device__ void store(const Tile& t, int m, int n, Acc acc, T old) const {
+    Acc v;
     if constexpr (Accumulate) {
-      v = fmaf(out_scale, acc, to_f(old));
+      v = fma_acc(out_scale, acc, to_acc(old));
     } else {
       v = out_scale * acc;
-      if (bias != nullptr) v += to_f(bias[t.n0 + n]);
+      if (bias != nullptr) v += to_acc(bias[t.n0 + n]);
     }
-    y[rows.row(t.start, m) * ldy + t.n0 + n] = from_f<T>(v);
+    y[rows.row(t.start, m) * ldy + t.n0 + n] = from_acc<T>(v);
   }
 };
 
@@ -168,7 +170,8 @@ struct WeightGradProblem {
   int64_t m_fixed, n_fixed, m_tiles, n_tiles;
 
   static constexpr bool kPKContig = false, kQKContig = false, kReadsOut = false;
-  using Old = float;
+  using Acc = acc_t<T>;
+  using Old = Acc;
   struct Tile {
     int64_t K, start, m0, n0, out;
     int M, N;
@@ -190,14 +193,14 @@ struct WeightGradProblem {
     t.out = i * o_adapter + t.m0 * ldo + t.n0;
     return true;
   }
-  __device__ float p(const Tile& t, int m, int64_t k) const {
-    return to_f(pp[static_cast<int64_t>(perm[t.start + k]) * ldp + t.m0 + m]);
+  __device__ Acc p(const Tile& t, int m, int64_t k) const {
+    return static_cast<Acc>(pp[static_cast<int64_t>(perm[t.start + k]) * ldp + t.m0 + m]);
   }
-  __device__ float q(const Tile& t, int64_t k, int n) const {
-    return to_f(qp[static_cast<int64_t>(perm[t.start + k]) * ldq + t.n0 + n]);
+  __device__ Acc q(const Tile& t, int64_t k, int n) const {
+    return static_cast<Acc>(qp[static_cast<int64_t>(perm[t.start + k]) * ldq + t.n0 + n]);
   }
-  __device__ void store(const Tile& t, int m, int n, float acc, Old) const {
-    o[t.out + m * ldo + n] = from_f<T>(acc);
+  __device__ void store(const Tile& t, int m, int n, Acc acc, Old) const {
+    o[t.out + m * ldo + n] = from_acc<T>(acc);
   }
 };
 
@@ -215,15 +218,15 @@ inline int64_t max_groups(const RowGroups& g, int64_t T, int64_t num_adapters) {
 }
 
 template <typename T, bool QKContig>
-void launch_shrink(const RowGroups& g, int64_t T, int64_t num_adapters, const T* p, int64_t ldp,
+void launch_shrink(const RowGroups& g, int64_t num_rows, int64_t num_adapters, const T* p, int64_t ldp,
                    int64_t K, AdapterOperand<T> q, const int* ranks, int max_rank,
-                   const float* scales, float* h, int64_t ldh) {
+                   const acc_t<T>* scales, acc_t<T>* h, int64_t ldh) {
   auto run = [&](auto shape) {
     using S = decltype(shape);
     static_assert(S::kBM == kGroupRows, "grouped tiles hold one group");
     ShrinkProblem<T, QKContig> prob{g,      p,      ldp, K, q, ranks, max_rank, scales,
                                     h,      ldh,    ceil_div(max_rank, S::kBN)};
-    launch_tiled<S>(prob, max_groups(g, T, num_adapters) * prob.n_tiles);
+    launch_tiled<S>(prob, max_groups(g, num_rows, num_adapters) * prob.n_tiles);
   };
   if (max_rank <= 16) {
     run(ShapeNarrowN{});
@@ -233,14 +236,14 @@ void launch_shrink(const RowGroups& g, int64_t T, int64_t num_adapters, const T*
 }
 
 template <typename T, bool QKContig, bool Accumulate>
-void launch_expand(const RowGroups& g, int64_t T, int64_t num_adapters, const float* h,
+void launch_expand(const RowGroups& g, int64_t num_rows, int64_t num_adapters, const acc_t<T>* h,
                    int64_t ldh, AdapterOperand<T> q, const int* ranks, int max_rank, int64_t N,
-                   T* y, int64_t ldy, const T* bias, float out_scale) {
+                   T* y, int64_t ldy, const T* bias, acc_t<T> out_scale) {
   using S = ShapeWide;
   ExpandProblem<T, QKContig, Accumulate> prob{g,    h,   ldh,  q,         ranks,
                                               max_rank, N, y, ldy, bias, out_scale,
                                               ceil_div(N, S::kBN)};
-  launch_tiled<S>(prob, max_groups(g, T, num_adapters) * prob.n_tiles);
+  launch_tiled<S>(prob, max_groups(g, num_rows, num_adapters) * prob.n_tiles);
 }
 
 template <typename T, typename PT, typename QT>

@@ -1,0 +1,173 @@
+// CUDA merge_/unmerge_ and their bit-exact variants: one pass over weight, each block
+// computing its tile of scale * B @ A in fp32 (tiled_gemm_kernel) and applying it to
+// the weight tile it loaded before the arithmetic.
+//
+// Exact round trip (same algorithm as csrc/cpu/merge.cpp): with d = scale * (B @ A),
+// merge stores w' = round(w + d) and the int8 c = ord(w) - ord(round(w' - d)); unmerge
+// recomputes the same d and sets ord(round(w' - d)) + c. d, w' and w' - d are formed
+// with explicitly rounded fp32 operations (no contraction into fma) by one shared
+// code path, so merge and unmerge see the same bits. Elements with |c| > 127 get
+// c = -128 and are returned as (flat index, original value).
+#include "cuda/common.cuh"
+#include "dispatch.h"
+#include "ops.h"
+
+#include <torch/library.h>
+
+namespace lora_ext::cuda {
+namespace {
+
+enum class Mode : int {
+  kAdd,           // w = round(w + scale * (B @ A))         (merge_; unmerge_ negates scale)
+  kExactResidual, // residual = correction only, weight untouched
+  kExactMerge,    // w = w' (the same w' kExactResidual used)
+  kExactUnmerge,  // w = from_ord(ord(round(w - d)) + residual)
+};
+
+template <typename T, Mode kMode>
+struct MergeProblem {
+  T* w;
+  const T* a;  // [r, in]
+  const T* b;  // [out, r]
+  int8_t* residual;
+  int64_t out, in, r, n_tiles;
+  acc_t<T> scale;
+
+  static constexpr bool kPKContig = true, kQKContig = false, kReadsOut = true;
+  using Acc = acc_t<T>;
+  using Old = T;
+  struct Tile {
+    int64_t K, m0, n0;
+    int M, N;
+  };
+
+  __device__ bool setup(int64_t blk, int BM, int BN, Tile& t) const {
+    t.m0 = (blk / n_tiles) * BM;
+    t.n0 = (blk % n_tiles) * BN;
+    if (t.m0 >= out) return false;
+    t.M = static_cast<int>(min(static_cast<int64_t>(BM), out - t.m0));
+    t.N = static_cast<int>(min(static_cast<int64_t>(BN), in - t.n0));
+    t.K = r;
+    return true;
+  }
+  __device__ Acc p(const Tile& t, int m, int64_t k) const { return to_acc(b[(t.m0 + m) * r + k]); }
+  __device__ Acc q(const Tile& t, int64_t k, int n) const { return to_acc(a[k * in + t.n0 + n]); }
+  __device__ T load_out(const Tile& t, int m, int n) const { return w[(t.m0 + m) * in + t.n0 + n]; }
+
+  __device__ void store(const Tile& t, int m, int n, Acc acc, T old) const {
+    const int64_t off = (t.m0 + m) * in + t.n0 + n;
+    if constexpr (kMode == Mode::kAdd) {
+      w[off] = from_acc<T>(fma_acc(acc, scale, to_acc(old)));
+    } else {
+      const Acc d = mul_rn(acc, scale);
+      if constexpr (kMode == Mode::kExactUnmerge) {
+        const T back = from_acc<T>(sub_rn(to_acc(old), d));
+        const int8_t c = residual[off];
+        w[off] = c == -128 ? back : Bits<T>::from_ord(Bits<T>::ord(back) + c);
+      } else {
+        const T merged = from_acc<T>(add_rn(to_acc(old), d));
+        if constexpr (kMode == Mode::kExactMerge) {
+          w[off] = merged;
+        } else {
+          const T back = from_acc<T>(sub_rn(to_acc(merged), d));
+          const int64_t c = Bits<T>::ord(old) - Bits<T>::ord(back);
+          residual[off] = (c >= -127 && c <= 127) ? static_cast<int8_t>(c) : int8_t(-128);
+        }
+      }
+    }
+  }
+};
+
+// Rows of 128 consecutive columns per warp: coalesced weight traffic.
+using MergeShape = TileShape<32, 128, 16, 4, 4>;
+
+template <Mode kMode>
+void merge_pass(at::Tensor& weight, const at::Tensor& lora_a_in, const at::Tensor& lora_b_in,
+                double scale, int8_t* residual) {
+  const int64_t out = weight.size(0), in = weight.size(1), r = lora_a_in.size(0);
+  if (out == 0 || in == 0) return;
+  const at::Tensor a = lora_a_in.contiguous(), b = lora_b_in.contiguous();
+  const int64_t n_tiles = ceil_div(in, MergeShape::kBN);
+  LORA_EXT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "merge_", [&] {
+    const MergeProblem<scalar_t, kMode> prob{weight.mutable_data_ptr<scalar_t>(),
+                                         a.const_data_ptr<scalar_t>(),
+                                         b.const_data_ptr<scalar_t>(),
+                                         residual,
+                                         out,
+                                         in,
+                                         r,
+                                         n_tiles,
+                                         static_cast<acc_t<scalar_t>>(scale)};
+    launch_tiled<MergeShape>(prob, ceil_div(out, MergeShape::kBM) * n_tiles);
+  });
+}
+
+}  // namespace
+
+void merge_(at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
+            double scale) {
+  check_merge_args(weight, lora_a, lora_b);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  merge_pass<Mode::kAdd>(weight, lora_a, lora_b, scale, nullptr);
+}
+
+void unmerge_(at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
+              double scale) {
+  check_merge_args(weight, lora_a, lora_b);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  merge_pass<Mode::kAdd>(weight, lora_a, lora_b, -scale, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor> merge_exact_(at::Tensor& weight, const at::Tensor& lora_a,
+                                                const at::Tensor& lora_b, double scale,
+                                                at::Tensor& residual) {
+  check_merge_args(weight, lora_a, lora_b);
+  check_merge_residual(weight, residual);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  // Pass 1 writes the corrections; the overflowing elements' original values are
+  // gathered before pass 2 overwrites them (nonzero returns them sorted by index).
+  merge_pass<Mode::kExactResidual>(weight, lora_a, lora_b, scale,
+                                   residual.mutable_data_ptr<int8_t>());
+  const at::Tensor index = at::nonzero(residual.view({-1}).eq(-128)).view({-1});
+  const at::Tensor values = weight.view({-1}).index_select(0, index);
+  merge_pass<Mode::kExactMerge>(weight, lora_a, lora_b, scale, nullptr);
+  return {index, values};
+}
+
+void unmerge_exact_(at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                    double scale, const at::Tensor& residual, const at::Tensor& overflow_index,
+                    const at::Tensor& overflow_values) {
+  check_merge_args(weight, lora_a, lora_b);
+  check_merge_residual(weight, residual);
+  constexpr const char* op = "unmerge_exact_";
+  TORCH_CHECK(overflow_index.scalar_type() == at::kLong && overflow_index.dim() == 1, op,
+              ": overflow_index must be a 1-D int64 tensor, got ", overflow_index.scalar_type(),
+              " of shape ", overflow_index.sizes());
+  TORCH_CHECK(overflow_values.scalar_type() == weight.scalar_type() &&
+                  overflow_values.sizes() == overflow_index.sizes(),
+              op, ": overflow_values must be ", weight.scalar_type(), " of shape ",
+              overflow_index.sizes(), ", got ", overflow_values.scalar_type(), " of shape ",
+              overflow_values.sizes());
+  TORCH_CHECK(overflow_index.device() == weight.device() &&
+                  overflow_values.device() == weight.device(),
+              op, ": overflow_index and overflow_values must be on ", weight.device());
+  const c10::cuda::CUDAGuard guard(weight.device());
+  if (overflow_index.numel() > 0) {
+    const int64_t lo = overflow_index.min().item<int64_t>();
+    const int64_t hi = overflow_index.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < weight.numel(), op, ": overflow_index values must be in [0, ",
+                weight.numel(), "), got [", lo, ", ", hi, "]");
+  }
+  merge_pass<Mode::kExactUnmerge>(weight, lora_a, lora_b, scale,
+                                  const_cast<int8_t*>(residual.const_data_ptr<int8_t>()));
+  weight.view({-1}).index_copy_(0, overflow_index, overflow_values);
+}
+
+TORCH_LIBRARY_IMPL(lora_ext, CUDA, m) {
+  m.impl("merge_", &merge_);
+  m.impl("unmerge_", &unmerge_);
+  m.impl("merge_exact_", &merge_exact_);
+  m.impl("unmerge_exact_", &unmerge_exact_);
+}
+
+}  // namespace lora_ext::cuda
