@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import re
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Sequence, Union
 
-import torch
 from torch import nn
 
 from .layers import AdapterNames, AdapterSpec, LoRALinear, _AdapterContext, _check_adapter_name
