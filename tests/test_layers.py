@@ -14,9 +14,9 @@ from lora_ext import LoRALinear
 from conftest import assert_close_to_ref
 
 
-def _layer(dtype=torch.float32, in_f=24, out_f=20, bias=True, seed=0):
+def _layer(dtype=torch.float32, in_f=24, out_f=20, bias=True, seed=0, device="cpu"):
     torch.manual_seed(seed)
-    return LoRALinear(nn.Linear(in_f, out_f, bias=bias).to(dtype))
+    return LoRALinear(nn.Linear(in_f, out_f, bias=bias).to(device, dtype))
 
 
 def _add(layer, name, r, alpha, **kw):
@@ -41,11 +41,11 @@ def _ref(layer, x, name):
 
 @pytest.mark.parametrize("use_rslora", [False, True], ids=["plain", "rslora"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_single_adapter_matches_reference(dtype, use_rslora, bias):
-    layer = _add(_layer(dtype, bias=bias), "a", r=6, alpha=12, use_rslora=use_rslora)
+def test_single_adapter_matches_reference(device, dtype, use_rslora, bias):
+    layer = _add(_layer(dtype, bias=bias, device=device), "a", r=6, alpha=12, use_rslora=use_rslora)
     expected = 12 / math.sqrt(6) if use_rslora else 12 / 6
     assert layer.specs["a"].scale == pytest.approx(expected)
-    x = torch.randn(3, 5, 24).to(dtype)
+    x = torch.randn(3, 5, 24).to(device, dtype)
     with torch.no_grad(), lora_ext.set_adapter(layer, "a"):
         y = layer(x)
     assert y.dtype == dtype
@@ -76,8 +76,8 @@ def test_peft_initialisation():
         LoRALinear(nn.Conv1d(3, 3, 1))
 
 
-def test_mixed_batch_matches_per_row(dtype):
-    layer = _layer(dtype)
+def test_mixed_batch_matches_per_row(device, dtype):
+    layer = _layer(dtype, device=device)
     for name, r, alpha in (("a", 2, 4), ("b", 8, 8), ("c", 5, 20)):
         _add(layer, name, r, alpha)
     a_stack, b_stack, scales, ranks = layer.stacks()
@@ -85,7 +85,7 @@ def test_mixed_batch_matches_per_row(dtype):
     assert ranks.tolist() == [2, 8, 5] and scales.tolist() == pytest.approx([2.0, 1.0, 4.0])
     assert torch.count_nonzero(a_stack[0, 2:]) == 0  # zero padded beyond each rank
     names = ["c", None, "a", "b", "a"]
-    x = torch.randn(len(names), 4, 24).to(dtype)
+    x = torch.randn(len(names), 4, 24).to(device, dtype)
     with torch.no_grad(), lora_ext.set_adapter(layer, names):
         y = layer(x)
     for i, name in enumerate(names):
