@@ -8,6 +8,7 @@
 // back exactly. The rare elements where |c| > 127 (|w| far below |d|) are
 // returned with their original values instead.
 #include "cpu/microkernels.h"
+#include "cpu/parallel.h"
 #include "dispatch.h"
 #include "ops.h"
 
@@ -37,7 +38,7 @@ int64_t merge_pass(at::Tensor& weight, const at::Tensor& a_acc, const at::Tensor
   const bool collect = mode == MergeMode::kExactMerge;
   std::vector<std::vector<int64_t>> idx_per_thread(collect ? at::get_num_threads() : 0);
   std::vector<std::vector<T>> val_per_thread(collect ? at::get_num_threads() : 0);
-  at::parallel_for(0, num_tasks, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, num_tasks, grain_for(num_tasks, rows * in * rank), [&](int64_t lo, int64_t hi) {
     std::vector<int64_t> off_buf(collect ? kMergeRows * in : 0);
     std::vector<T> val_buf(collect ? kMergeRows * in : 0);
     for (int64_t task = lo; task < hi; ++task) {

@@ -40,9 +40,12 @@ struct Impl {
 
   // Loads `count` (< kVL) elements, zero-filling the rest.
   static Vec load(const T* p, int64_t count) {
-    alignas(64) Acc tmp[kVL] = {};
-    for (int64_t i = 0; i < count; ++i) tmp[i] = to_acc(p[i]);
-    return Vec::loadu(tmp);
+    if constexpr (std::is_same_v<T, Acc>) {
+      return Vec::loadu(p, count);
+    } else {
+      const auto [lo, hi] = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p, count));
+      return lo;
+    }
   }
 
   static void store(T* p, const Vec& v, int64_t count) {
@@ -196,6 +199,48 @@ struct Impl {
     }
   }
 
+  // Few rows: y[o] = base[o] + scale * dot(b[o, :rank], xa), reading B rows in place
+  // (packing B would cost more than the arithmetic it saves). Four outputs at a time.
+  static void expand_dot(const Acc* const* xa_rows, const T* const* base_rows, T* const* y_rows,
+                         int64_t nrows, const T* b, int64_t ldb, int64_t rank, int64_t nout,
+                         Acc scale) {
+    constexpr int kOuts = 4;
+    const auto reduce = [](const Vec& v) {
+      return at::vec::vec_reduce_all<Acc>([](const Vec& p, const Vec& q) { return p + q; }, v);
+    };
+    for (int64_t i = 0; i < nrows; ++i) {
+      const Acc* xa = xa_rows[i];
+      int64_t o = 0;
+      for (; o + kOuts <= nout; o += kOuts) {
+        Vec acc[kOuts];
+#pragma GCC unroll 4
+        for (int q = 0; q < kOuts; ++q) acc[q] = Vec(Acc(0));
+        int64_t j = 0;
+        for (; j + kVL <= rank; j += kVL) {
+          const Vec xv = Vec::loadu(xa + j);
+#pragma GCC unroll 4
+          for (int q = 0; q < kOuts; ++q) acc[q] = at::vec::fmadd(load(b + (o + q) * ldb + j), xv, acc[q]);
+        }
+        if (j < rank) {
+          const Vec xv = Vec::loadu(xa + j, rank - j);
+#pragma GCC unroll 4
+          for (int q = 0; q < kOuts; ++q)
+            acc[q] = at::vec::fmadd(load(b + (o + q) * ldb + j, rank - j), xv, acc[q]);
+        }
+        Acc sums[kOuts];
+#pragma GCC unroll 4
+        for (int q = 0; q < kOuts; ++q) sums[q] = reduce(acc[q]);
+        for (int q = 0; q < kOuts; ++q)
+          y_rows[i][o + q] = static_cast<T>(scale * sums[q] + (base_rows ? to_acc(base_rows[i][o + q]) : Acc(0)));
+      }
+      for (; o < nout; ++o) {
+        Acc sum = 0;
+        for (int64_t j = 0; j < rank; ++j) sum += to_acc(b[o * ldb + j]) * xa[j];
+        y_rows[i][o] = static_cast<T>(scale * sum + (base_rows ? to_acc(base_rows[i][o]) : Acc(0)));
+      }
+    }
+  }
+
   static void expand(const Acc* const* xa_rows, const T* const* base_rows, T* const* y_rows,
                      int64_t nrows, const Acc* bt, int64_t rank, int64_t nout, Acc scale) {
     int64_t i = 0;
@@ -334,8 +379,8 @@ struct Impl {
   }
 
   static MicroKernels<T> table() {
-    return MicroKernels<T>{C10_STRINGIZE(CPU_CAPABILITY), kOutBlock, &shrink,
-                           &pack_bt, &expand, &merge_tile};
+    return MicroKernels<T>{C10_STRINGIZE(CPU_CAPABILITY), kOutBlock, &shrink, &pack_bt,
+                           &expand, &expand_dot, &merge_tile};
   }
 };
 

@@ -2,6 +2,7 @@
 // read once per call however many rows use it, with work proportional to its rank.
 #include "cpu/lora_rows.h"
 #include "cpu/microkernels.h"
+#include "cpu/parallel.h"
 #include "dispatch.h"
 #include "ops.h"
 
@@ -71,7 +72,8 @@ void lora_rows_forward(const RowsProblem<T>& p, const AdapterGroups& groups) {
 
   // Rows with no adapter: y = base (or 0).
   const int64_t row_bytes = p.out * static_cast<int64_t>(sizeof(T));
-  at::parallel_for(0, static_cast<int64_t>(groups.skipped.size()), 16, [&](int64_t lo, int64_t hi) {
+  const int64_t num_skipped = static_cast<int64_t>(groups.skipped.size());
+  at::parallel_for(0, num_skipped, grain_for(num_skipped, num_skipped * p.out), [&](int64_t lo, int64_t hi) {
     for (int64_t s = lo; s < hi; ++s) {
       const int64_t t = groups.skipped[s];
       if (p.base == nullptr) {
@@ -90,7 +92,12 @@ void lora_rows_forward(const RowsProblem<T>& p, const AdapterGroups& groups) {
   for (int64_t g = 0; g < num_groups; ++g)
     for (int64_t q = groups.offset[g]; q < groups.offset[g + 1]; q += kShrinkRows)
       shrink_items.emplace_back(g, q);
-  at::parallel_for(0, static_cast<int64_t>(shrink_items.size()), 1, [&](int64_t lo, int64_t hi) {
+  // Multiply-adds of each phase, for the grain sizes.
+  int64_t lora_work = 0;
+  for (int64_t g = 0; g < num_groups; ++g)
+    lora_work += (groups.offset[g + 1] - groups.offset[g]) * p.ranks[groups.adapter[g]];
+  const int64_t num_shrink = static_cast<int64_t>(shrink_items.size());
+  at::parallel_for(0, num_shrink, grain_for(num_shrink, lora_work * p.in), [&](int64_t lo, int64_t hi) {
     const T* x_rows[kShrinkRows];
     Acc* xa_rows[kShrinkRows];
     for (int64_t it = lo; it < hi; ++it) {
@@ -106,10 +113,14 @@ void lora_rows_forward(const RowsProblem<T>& p, const AdapterGroups& groups) {
   });
 
   // Expand: y[t, o-block] = base + scale * xa @ B_i[o-block, :r]^T, one item per
-  // (adapter, block of outputs); the B block is packed once and used for all its rows.
+  // (adapter, block of outputs). For a group with more than kDotRows rows the B block
+  // is packed (transposed) once and shared by its rows; below that, packing costs more
+  // than it saves and B is read in place (measured with callgrind on decode batches).
+  constexpr int64_t kDotRows = 3;
   const int64_t ob = mk.out_block;
   const int64_t num_blocks = (p.out + ob - 1) / ob;
-  at::parallel_for(0, num_groups * num_blocks, 1, [&](int64_t lo, int64_t hi) {
+  const int64_t num_expand = num_groups * num_blocks;
+  at::parallel_for(0, num_expand, grain_for(num_expand, lora_work * p.out), [&](int64_t lo, int64_t hi) {
     constexpr int64_t kRows = 64;
     std::vector<Acc> bt(max_rank * ob);
     const Acc* xa_rows[kRows];
@@ -119,7 +130,9 @@ void lora_rows_forward(const RowsProblem<T>& p, const AdapterGroups& groups) {
       const int64_t g = it / num_blocks, o0 = (it % num_blocks) * ob;
       const int64_t i = groups.adapter[g], rank = p.ranks[i];
       const int64_t nout = std::min(ob, p.out - o0);
-      mk.pack_bt(p.b + i * p.b_stride + o0 * p.ldb, p.ldb, nout, rank, bt.data());
+      const T* b_block = p.b + i * p.b_stride + o0 * p.ldb;
+      const bool few_rows = groups.offset[g + 1] - groups.offset[g] <= kDotRows;
+      if (!few_rows) mk.pack_bt(b_block, p.ldb, nout, rank, bt.data());
       for (int64_t q0 = groups.offset[g]; q0 < groups.offset[g + 1]; q0 += kRows) {
         const int64_t n = std::min(kRows, groups.offset[g + 1] - q0);
         for (int64_t k = 0; k < n; ++k) {
@@ -128,8 +141,13 @@ void lora_rows_forward(const RowsProblem<T>& p, const AdapterGroups& groups) {
           base_rows[k] = p.base ? p.base + t * p.out + o0 : nullptr;
           y_rows[k] = p.y + t * p.out + o0;
         }
-        mk.expand(xa_rows, p.base ? base_rows : nullptr, y_rows, n, bt.data(), rank, nout,
-                  p.scales[i]);
+        if (few_rows) {
+          mk.expand_dot(xa_rows, p.base ? base_rows : nullptr, y_rows, n, b_block, p.ldb, rank,
+                        nout, p.scales[i]);
+        } else {
+          mk.expand(xa_rows, p.base ? base_rows : nullptr, y_rows, n, bt.data(), rank, nout,
+                    p.scales[i]);
+        }
       }
     }
   });
