@@ -7,6 +7,7 @@
 #include "ops.h"
 
 #include <torch/library.h>
+#include <torch/version.h>
 
 namespace lora_ext::cuda {
 namespace {
@@ -14,7 +15,12 @@ namespace {
 // a @ b accumulated and returned in acc_t (cuBLAS; fp16/bf16 inputs give fp32).
 at::Tensor mm_acc(const at::Tensor& a, const at::Tensor& b) {
   const auto acc = acc_dtype(a.scalar_type());
-  return a.scalar_type() == acc ? at::mm(a, b) : at::mm(a, b, acc);
+  if (a.scalar_type() == acc) return at::mm(a, b);
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+  return at::mm(a, b, acc);  // aten::mm.dtype: low-precision inputs, fp32 output
+#else
+  return at::mm(a.to(acc), b.to(acc));
+#endif
 }
 
 // y[t, o] (+)= [bias[o]] + scale * sum_k h[t, k] * q[k, o], with q given by strides.
