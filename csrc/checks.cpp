@@ -145,6 +145,21 @@ void check_multi_lora_args(const at::Tensor& x, const at::Tensor& a_stack,
   }
 }
 
+void check_multi_lora_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
+                                    const at::Tensor& a_stack, const at::Tensor& b_stack,
+                                    const at::Tensor& indices, const at::Tensor& scales,
+                                    const std::optional<at::Tensor>& ranks) {
+  check_multi_lora_args(x, a_stack, b_stack, indices, scales, ranks, std::nullopt);
+  constexpr const char* op = "multi_lora_backward";
+  check_float(grad_out, op, "grad_out");
+  check_same_dtype(x, "x", grad_out, op, "grad_out");
+  check_same_device(x, "x", grad_out, op, "grad_out");
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == x.size(0) &&
+                  grad_out.size(1) == b_stack.size(1),
+              op, ": grad_out must have shape [T, out] = [", x.size(0), ", ", b_stack.size(1),
+              "], got ", grad_out.sizes());
+}
+
 void check_merge_args(const at::Tensor& weight, const at::Tensor& lora_a,
                       const at::Tensor& lora_b) {
   constexpr const char* op = "merge_/unmerge_";
@@ -176,6 +191,31 @@ void check_merge_residual(const at::Tensor& weight, const at::Tensor& residual) 
               weight.sizes(), ", got ", residual.sizes());
   TORCH_CHECK(residual.is_contiguous(), op, ": residual must be contiguous");
   check_same_device(weight, "weight", residual, op, "residual");
+}
+
+void check_unmerge_exact_args(const at::Tensor& weight, const at::Tensor& lora_a,
+                              const at::Tensor& lora_b, const at::Tensor& residual,
+                              const at::Tensor& overflow_index,
+                              const at::Tensor& overflow_values) {
+  check_merge_args(weight, lora_a, lora_b);
+  check_merge_residual(weight, residual);
+  constexpr const char* op = "unmerge_exact_";
+  TORCH_CHECK(overflow_index.scalar_type() == at::kLong && overflow_index.dim() == 1, op,
+              ": overflow_index must be a 1-D int64 tensor, got ", overflow_index.scalar_type(),
+              " of shape ", overflow_index.sizes());
+  TORCH_CHECK(overflow_values.scalar_type() == weight.scalar_type() &&
+                  overflow_values.sizes() == overflow_index.sizes(),
+              op, ": overflow_values must be ", weight.scalar_type(), " of shape ",
+              overflow_index.sizes(), ", got ", overflow_values.scalar_type(), " of shape ",
+              overflow_values.sizes());
+  check_same_device(weight, "weight", overflow_index, op, "overflow_index");
+  check_same_device(weight, "weight", overflow_values, op, "overflow_values");
+  if (overflow_index.numel() > 0) {
+    const int64_t lo = overflow_index.min().item<int64_t>();
+    const int64_t hi = overflow_index.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < weight.numel(), op, ": overflow_index values must be in [0, ",
+                weight.numel(), "), got [", lo, ", ", hi, "]");
+  }
 }
 
 }  // namespace lora_ext

@@ -43,8 +43,17 @@ void check_multi_lora_args(const at::Tensor& x, const at::Tensor& a_stack,
                            const at::Tensor& b_stack, const at::Tensor& indices,
                            const at::Tensor& scales, const std::optional<at::Tensor>& ranks,
                            const std::optional<at::Tensor>& base);
+void check_multi_lora_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
+                                    const at::Tensor& a_stack, const at::Tensor& b_stack,
+                                    const at::Tensor& indices, const at::Tensor& scales,
+                                    const std::optional<at::Tensor>& ranks);
 void check_merge_args(const at::Tensor& weight, const at::Tensor& lora_a,
                       const at::Tensor& lora_b);
 void check_merge_residual(const at::Tensor& weight, const at::Tensor& residual);
+// Also checks the values of overflow_index (a device-to-host read, once per unmerge).
+void check_unmerge_exact_args(const at::Tensor& weight, const at::Tensor& lora_a,
+                              const at::Tensor& lora_b, const at::Tensor& residual,
+                              const at::Tensor& overflow_index,
+                              const at::Tensor& overflow_values);
 
 }  // namespace lora_ext

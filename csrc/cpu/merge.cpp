@@ -118,26 +118,7 @@ std::tuple<at::Tensor, at::Tensor> merge_exact_(at::Tensor& weight, const at::Te
 void unmerge_exact_(at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
                     double scale, const at::Tensor& residual, const at::Tensor& overflow_index,
                     const at::Tensor& overflow_values) {
-  check_merge_args(weight, lora_a, lora_b);
-  check_merge_residual(weight, residual);
-  constexpr const char* op = "unmerge_exact_";
-  TORCH_CHECK(overflow_index.scalar_type() == at::kLong && overflow_index.dim() == 1, op,
-              ": overflow_index must be a 1-D int64 tensor, got ", overflow_index.scalar_type(),
-              " of shape ", overflow_index.sizes());
-  TORCH_CHECK(overflow_values.scalar_type() == weight.scalar_type() &&
-                  overflow_values.sizes() == overflow_index.sizes(),
-              op, ": overflow_values must be ", weight.scalar_type(), " of shape ",
-              overflow_index.sizes(), ", got ", overflow_values.scalar_type(), " of shape ",
-              overflow_values.sizes());
-  TORCH_CHECK(overflow_index.device() == weight.device() &&
-                  overflow_values.device() == weight.device(),
-              op, ": overflow_index and overflow_values must be on ", weight.device());
-  if (overflow_index.numel() > 0) {
-    const int64_t lo = overflow_index.min().item<int64_t>();
-    const int64_t hi = overflow_index.max().item<int64_t>();
-    TORCH_CHECK(lo >= 0 && hi < weight.numel(), op, ": overflow_index values must be in [0, ",
-                weight.numel(), "), got [", lo, ", ", hi, "]");
-  }
+  check_unmerge_exact_args(weight, lora_a, lora_b, residual, overflow_index, overflow_values);
   run_merge(weight, lora_a, lora_b, scale, MergeMode::kExactUnmerge,
             const_cast<int8_t*>(residual.const_data_ptr<int8_t>()));
   weight.view({-1}).index_copy_(0, overflow_index, overflow_values);

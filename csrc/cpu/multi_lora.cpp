@@ -216,13 +216,7 @@ GradTuple3 multi_lora_backward(const at::Tensor& grad_in, const at::Tensor& x_in
                                const at::Tensor& indices, const at::Tensor& scales_in,
                                const std::optional<at::Tensor>& ranks_in,
                                std::array<bool, 3> output_mask) {
-  check_multi_lora_args(x_in, a_stack, b_stack, indices, scales_in, ranks_in, std::nullopt);
-  TORCH_CHECK(grad_in.sizes() == at::IntArrayRef({x_in.size(0), b_stack.size(1)}),
-              "multi_lora_backward: grad_out must have shape [T, out] = [", x_in.size(0), ", ",
-              b_stack.size(1), "], got ", grad_in.sizes());
-  TORCH_CHECK(grad_in.scalar_type() == x_in.scalar_type(),
-              "multi_lora_backward: grad_out has dtype ", grad_in.scalar_type(),
-              " but x has dtype ", x_in.scalar_type());
+  check_multi_lora_backward_args(grad_in, x_in, a_stack, b_stack, indices, scales_in, ranks_in);
   const int64_t num_adapters = a_stack.size(0), max_rank = a_stack.size(1);
   const at::Tensor ranks = checked_ranks(ranks_in, num_adapters, max_rank);
   const AdapterGroups groups = group_rows(indices, num_adapters);

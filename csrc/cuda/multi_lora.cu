@@ -362,15 +362,7 @@ GradTuple3 multi_lora_backward(const at::Tensor& grad_in, const at::Tensor& x_in
                                const at::Tensor& indices, const at::Tensor& scales_in,
                                const std::optional<at::Tensor>& ranks_in,
                                std::array<bool, 3> output_mask) {
-  check_multi_lora_args(x_in, a_in, b_in, indices, scales_in, ranks_in, std::nullopt);
-  TORCH_CHECK(grad_in.sizes() == at::IntArrayRef({x_in.size(0), b_in.size(1)}),
-              "multi_lora_backward: grad_out must have shape [T, out] = [", x_in.size(0), ", ",
-              b_in.size(1), "], got ", grad_in.sizes());
-  TORCH_CHECK(grad_in.scalar_type() == x_in.scalar_type(),
-              "multi_lora_backward: grad_out has dtype ", grad_in.scalar_type(),
-              " but x has dtype ", x_in.scalar_type());
-  TORCH_CHECK(grad_in.device() == x_in.device(), "multi_lora_backward: grad_out is on ",
-              grad_in.device(), " but x is on ", x_in.device());
+  check_multi_lora_backward_args(grad_in, x_in, a_in, b_in, indices, scales_in, ranks_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t T = x_in.size(0), in = x_in.size(1), N = a_in.size(0), R = a_in.size(1);
   const int64_t out = b_in.size(1);
