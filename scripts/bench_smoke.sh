@@ -10,7 +10,7 @@ scripts/build_bench.sh
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 build/bench/lora_ext_bench --tiny --device cpu --json "$tmp/bench.json"
-"$PY" -c "import json, sys; r = json.load(open(sys.argv[1]))['results']; assert len(r) >= 9, r; print('harness JSON ok:', len(r), 'results')" "$tmp/bench.json"
+"$PY" -c "import json, sys; r = json.load(open(sys.argv[1]))['results']; assert len(r) >= 8, r; print('harness JSON ok:', len(r), 'results')" "$tmp/bench.json"
 "$PY" benchmarks/run.py --tiny --device cpu --workloads W1,W2,W3,W4,W5,W6 --out "$tmp/py"
 test -s "$tmp/py/latest.json" && test -s "$tmp/py/latest.md" && test -s "$tmp/py/latest.png"
 echo "bench smoke ok"
