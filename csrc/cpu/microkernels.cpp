@@ -202,30 +202,49 @@ struct Impl {
   // Few rows: y[o] = base[o] + scale * dot(b[o, :rank], xa), reading B rows in place
   // (packing B would cost more than the arithmetic it saves). Four outputs at a time.
   static void expand_dot(const Acc* const* xa_rows, const T* const* base_rows, T* const* y_rows,
-                         int64_t nrows, const T* b, int64_t ldb, int64_t rank, int64_t nout,
-                         Acc scale) {
+                         int64_t nrows, const T* b, int64_t ldb, int64_t b_readable,
+                         int64_t rank, int64_t nout, Acc scale) {
     constexpr int kOuts = 4;
     const auto reduce = [](const Vec& v) {
       return at::vec::vec_reduce_all<Acc>([](const Vec& p, const Vec& q) { return p + q; }, v);
     };
+    // Rank up to 512 (the op's limit is checked by the caller's R): a zero-padded copy
+    // of each xa row so the hot loop needs no masked loads of it.
+    alignas(64) Acc xa_pad[512 + kVL];
+    const int64_t rank_pad = (rank + kVL - 1) / kVL * kVL;
+    const Vec zero(Acc(0));
+    const Vec all_ones = zero == zero;  // every bit set
     for (int64_t i = 0; i < nrows; ++i) {
-      const Acc* xa = xa_rows[i];
+      std::copy(xa_rows[i], xa_rows[i] + rank, xa_pad);
+      std::fill(xa_pad + rank, xa_pad + rank_pad, Acc(0));
       int64_t o = 0;
       for (; o + kOuts <= nout; o += kOuts) {
         Vec acc[kOuts];
 #pragma GCC unroll 4
-        for (int q = 0; q < kOuts; ++q) acc[q] = Vec(Acc(0));
+        for (int q = 0; q < kOuts; ++q) acc[q] = zero;
         int64_t j = 0;
         for (; j + kVL <= rank; j += kVL) {
-          const Vec xv = Vec::loadu(xa + j);
+          const Vec xv = Vec::loadu(xa_pad + j);
 #pragma GCC unroll 4
           for (int q = 0; q < kOuts; ++q) acc[q] = at::vec::fmadd(load(b + (o + q) * ldb + j), xv, acc[q]);
         }
         if (j < rank) {
-          const Vec xv = Vec::loadu(xa + j, rank - j);
+          const int64_t count = rank - j;
+          const Vec xv = Vec::loadu(xa_pad + j);
+          const Vec lane_mask = Vec::set(zero, all_ones, count);
+          if ((o + kOuts - 1) * ldb + j + kVL <= b_readable) {
+            // Load whole vectors (past the rank they see padding or the next row) and
+            // clear the extra lanes (they may hold anything, NaN included) with a
+            // bitwise AND. Masked loads are several times slower here (Zen 4,
+            // measured), and GCC folds a blend with zero into one, hence the AND.
 #pragma GCC unroll 4
-          for (int q = 0; q < kOuts; ++q)
-            acc[q] = at::vec::fmadd(load(b + (o + q) * ldb + j, rank - j), xv, acc[q]);
+            for (int q = 0; q < kOuts; ++q)
+              acc[q] = at::vec::fmadd(load(b + (o + q) * ldb + j) & lane_mask, xv, acc[q]);
+          } else {
+#pragma GCC unroll 4
+            for (int q = 0; q < kOuts; ++q)
+              acc[q] = at::vec::fmadd(load(b + (o + q) * ldb + j, count), xv, acc[q]);
+          }
         }
         Acc sums[kOuts];
 #pragma GCC unroll 4
@@ -235,7 +254,7 @@ struct Impl {
       }
       for (; o < nout; ++o) {
         Acc sum = 0;
-        for (int64_t j = 0; j < rank; ++j) sum += to_acc(b[o * ldb + j]) * xa[j];
+        for (int64_t j = 0; j < rank; ++j) sum += to_acc(b[o * ldb + j]) * xa_pad[j];
         y_rows[i][o] = static_cast<T>(scale * sum + (base_rows ? to_acc(base_rows[i][o]) : Acc(0)));
       }
     }

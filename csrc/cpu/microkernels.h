@@ -40,10 +40,11 @@ struct MicroKernels {
   void (*expand)(const Acc* const* xa_rows, const T* const* base_rows, T* const* y_rows,
                  int64_t nrows, const Acc* bt, int64_t rank, int64_t nout, Acc scale);
   // The same result for few rows without packing: reads b[o * ldb + j] (o < nout, j < rank)
-  // in place; y_rows[i] and base_rows[i] point at the first of the nout outputs.
+  // in place, and may read (and ignore) any of the b_readable elements from b;
+  // y_rows[i] and base_rows[i] point at the first of the nout outputs.
   void (*expand_dot)(const Acc* const* xa_rows, const T* const* base_rows, T* const* y_rows,
-                     int64_t nrows, const T* b, int64_t ldb, int64_t rank, int64_t nout,
-                     Acc scale);
+                     int64_t nrows, const T* b, int64_t ldb, int64_t b_readable, int64_t rank,
+                     int64_t nout, Acc scale);
   // Rows [0, nrows) of w (row stride in) get d[o][k] = scale * sum_j b[o * rank + j] * a[j * in + k]
   // applied as `mode` says. a, b are in Acc. In kExactMerge, elements whose correction does
   // not fit in int8 get residual -128 and their flat offset from `w` and original value

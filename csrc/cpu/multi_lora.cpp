@@ -131,6 +131,8 @@ void lora_rows_forward(const RowsProblem<T>& p, const AdapterGroups& groups) {
       const int64_t i = groups.adapter[g], rank = p.ranks[i];
       const int64_t nout = std::min(ob, p.out - o0);
       const T* b_block = p.b + i * p.b_stride + o0 * p.ldb;
+      // Adapter i's B ends at row `out`, so this is safe whatever follows it in memory.
+      const int64_t b_readable = (p.out - o0) * p.ldb;
       const bool few_rows = groups.offset[g + 1] - groups.offset[g] <= kDotRows;
       if (!few_rows) mk.pack_bt(b_block, p.ldb, nout, rank, bt.data());
       for (int64_t q0 = groups.offset[g]; q0 < groups.offset[g + 1]; q0 += kRows) {
@@ -142,8 +144,8 @@ void lora_rows_forward(const RowsProblem<T>& p, const AdapterGroups& groups) {
           y_rows[k] = p.y + t * p.out + o0;
         }
         if (few_rows) {
-          mk.expand_dot(xa_rows, p.base ? base_rows : nullptr, y_rows, n, b_block, p.ldb, rank,
-                        nout, p.scales[i]);
+          mk.expand_dot(xa_rows, p.base ? base_rows : nullptr, y_rows, n, b_block, p.ldb,
+                        b_readable, rank, nout, p.scales[i]);
         } else {
           mk.expand(xa_rows, p.base ? base_rows : nullptr, y_rows, n, bt.data(), rank, nout,
                     p.scales[i]);
