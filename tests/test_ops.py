@@ -124,6 +124,7 @@ LINEAR_SHAPES = [  # (leading dims, in, out, r)
     ((3, 4), 4097, 33, 16),
     ((6,), 64, 130, 256),
     ((0,), 16, 8, 4),
+    ((2,), 100, 70, 700),  # a rank past 512 on the few-rows path
 ]
 
 

@@ -208,15 +208,10 @@ struct Impl {
     const auto reduce = [](const Vec& v) {
       return at::vec::vec_reduce_all<Acc>([](const Vec& p, const Vec& q) { return p + q; }, v);
     };
-    // Rank up to 512 (the op's limit is checked by the caller's R): a zero-padded copy
-    // of each xa row so the hot loop needs no masked loads of it.
-    alignas(64) Acc xa_pad[512 + kVL];
-    const int64_t rank_pad = (rank + kVL - 1) / kVL * kVL;
     const Vec zero(Acc(0));
     const Vec all_ones = zero == zero;  // every bit set
     for (int64_t i = 0; i < nrows; ++i) {
-      std::copy(xa_rows[i], xa_rows[i] + rank, xa_pad);
-      std::fill(xa_pad + rank, xa_pad + rank_pad, Acc(0));
+      const Acc* xa_pad = xa_rows[i];  // zero past the rank (see microkernels.h)
       int64_t o = 0;
       for (; o + kOuts <= nout; o += kOuts) {
         Vec acc[kOuts];

@@ -23,6 +23,9 @@ enum class MergeMode : int {
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
+// Row padding of the rank-r intermediate that expand_dot relies on (>= any vector width).
+constexpr int64_t kXaPad = 64;
+
 template <typename T>
 struct MicroKernels {
   using Acc = acc_t<T>;
@@ -41,7 +44,8 @@ struct MicroKernels {
                  int64_t nrows, const Acc* bt, int64_t rank, int64_t nout, Acc scale);
   // The same result for few rows without packing: reads b[o * ldb + j] (o < nout, j < rank)
   // in place, and may read (and ignore) any of the b_readable elements from b;
-  // y_rows[i] and base_rows[i] point at the first of the nout outputs.
+  // y_rows[i] and base_rows[i] point at the first of the nout outputs. Each xa row must
+  // be readable, and zero, from rank up to the next multiple of kXaPad.
   void (*expand_dot)(const Acc* const* xa_rows, const T* const* base_rows, T* const* y_rows,
                      int64_t nrows, const T* b, int64_t ldb, int64_t b_readable, int64_t rank,
                      int64_t nout, Acc scale);

@@ -87,7 +87,9 @@ void lora_rows_forward(const RowsProblem<T>& p, const AdapterGroups& groups) {
 
   // Shrink: xa[q] = A_i[:r] @ x[order[q]], in fp32, for chunks of rows of one adapter.
   constexpr int64_t kShrinkRows = 16;
-  std::vector<Acc> xa(groups.order.size() * max_rank);
+  // Rows padded with zeros to a multiple of kXaPad, which expand_dot reads whole.
+  const int64_t xa_stride = (max_rank + kXaPad - 1) / kXaPad * kXaPad;
+  std::vector<Acc> xa(groups.order.size() * xa_stride);
   std::vector<std::pair<int64_t, int64_t>> shrink_items;  // (group, first position)
   for (int64_t g = 0; g < num_groups; ++g)
     for (int64_t q = groups.offset[g]; q < groups.offset[g + 1]; q += kShrinkRows)
@@ -106,7 +108,7 @@ void lora_rows_forward(const RowsProblem<T>& p, const AdapterGroups& groups) {
       const int64_t n = std::min(kShrinkRows, groups.offset[g + 1] - q0);
       for (int64_t k = 0; k < n; ++k) {
         x_rows[k] = p.x + groups.order[q0 + k] * p.in;
-        xa_rows[k] = xa.data() + (q0 + k) * max_rank;
+        xa_rows[k] = xa.data() + (q0 + k) * xa_stride;
       }
       mk.shrink(x_rows, xa_rows, n, p.a + i * p.a_stride, p.ranks[i], p.in);
     }
@@ -139,7 +141,7 @@ void lora_rows_forward(const RowsProblem<T>& p, const AdapterGroups& groups) {
         const int64_t n = std::min(kRows, groups.offset[g + 1] - q0);
         for (int64_t k = 0; k < n; ++k) {
           const int64_t t = groups.order[q0 + k];
-          xa_rows[k] = xa.data() + (q0 + k) * max_rank;
+          xa_rows[k] = xa.data() + (q0 + k) * xa_stride;
           base_rows[k] = p.base ? p.base + t * p.out + o0 : nullptr;
           y_rows[k] = p.y + t * p.out + o0;
         }
