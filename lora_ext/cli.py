@@ -176,15 +176,16 @@ def _demo_rows() -> list[tuple[str, Optional[str]]]:
     ]
 
 
-def _timed(fn, repeats: int):
-    """Run ``fn`` once to warm up, then ``repeats`` times; (last result, median seconds)."""
-    result = fn()
-    times = []
+def _time_interleaved(runs: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each run, taking turns so that drift in a shared machine's
+    load hits every configuration alike."""
+    times: dict[str, list[float]] = {label: [] for label in runs}
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return result, statistics.median(times)
+        for label, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[label].append(time.perf_counter() - start)
+    return times
 
 
 def _check(prompt: str, adapter: Optional[str], output: str) -> bool:
@@ -222,8 +223,9 @@ def cmd_demo(args) -> int:
         with set_adapter(model, per_row):
             return llm.generate(model, tokenizer, prompts, max_new)
 
-    out, lora_s = _timed(run_lora, args.repeats)
-
+    # Each configuration's first call gives its outputs and serves as its warm-up.
+    runs = {"lora_ext mixed batch (multi_lora)": run_lora}
+    out = run_lora()
     print(f"\none batch of {len(rows)} rows, greedy, up to {max_new} new tokens:")
     failures = 0
     for i, (prompt, adapter) in enumerate(rows):
@@ -234,10 +236,8 @@ def cmd_demo(args) -> int:
         print(f"    output: {out.texts[i]!r}")
         print(f"    check:  {'PASS' if ok else 'FAIL'}")
 
-    tokens = len(rows) * out.steps
-    results = [("lora_ext mixed batch (multi_lora)", tokens / lora_s, None)]
-
-    base_out, base_s = _timed(lambda: llm.generate(base_model, tokenizer, prompts, max_new), args.repeats)
+    outputs = {"lora_ext mixed batch (multi_lora)": out}
+    notes = {}
     if not args.no_peft:
         try:
             from peft import PeftModel
@@ -251,30 +251,30 @@ def cmd_demo(args) -> int:
                 peft_model.load_adapter(str(adapters_dir / name), adapter_name=name)
             peft_model.eval()
             peft_names = [a if a is not None else "__base__" for a in per_row]
-            peft_out, peft_s = _timed(
-                lambda: llm.generate(peft_model, tokenizer, prompts, max_new, adapter_names=peft_names),
-                args.repeats,
+            label = "PEFT, same batch (adapter_names)"
+            runs[label] = lambda: llm.generate(
+                peft_model, tokenizer, prompts, max_new, adapter_names=peft_names
             )
-            same = sum(a == b for a, b in zip(out.texts, peft_out.texts))
-            results.append(
-                (
-                    "PEFT, same batch (adapter_names)",
-                    len(rows) * peft_out.steps / peft_s,
-                    f"{same}/{len(rows)} rows identical to lora_ext",
-                )
-            )
-    same = sum(base_out.texts[i] == out.texts[i] for i, a in enumerate(per_row) if a is None)
-    results.append(
-        (
-            "base model alone, no adapters",
-            len(rows) * base_out.steps / base_s,
-            f"{same}/{per_row.count(None)} base rows identical to the mixed batch",
-        )
-    )
+            outputs[label] = runs[label]()
+            same = sum(a == b for a, b in zip(out.texts, outputs[label].texts))
+            notes[label] = f"{same}/{len(rows)} rows identical to lora_ext"
+    label = "base model alone, no adapters"
+    runs[label] = lambda: llm.generate(base_model, tokenizer, prompts, max_new)
+    outputs[label] = runs[label]()
+    base_rows = [i for i, a in enumerate(per_row) if a is None]
+    same = sum(outputs[label].texts[i] == out.texts[i] for i in base_rows)
+    notes[label] = f"{same}/{len(base_rows)} base rows identical to the mixed batch"
 
-    print(f"\ntokens/s (batch {len(rows)}, {torch.get_num_threads()} threads, median of {args.repeats}):")
-    for label, rate, note in results:
-        print(f"  {label:36s} {rate:8.1f}" + (f"   ({note})" if note else ""))
+    times = _time_interleaved(runs, args.repeats)
+    print(
+        f"\ntokens/s, generating the batch above ({len(rows)} rows x new tokens, "
+        f"{torch.get_num_threads()} threads; best and median of {args.repeats} interleaved runs):"
+    )
+    for label, seconds in times.items():
+        tokens = len(rows) * outputs[label].steps
+        best, median = tokens / min(seconds), tokens / statistics.median(seconds)
+        note = f"   ({notes[label]})" if label in notes else ""
+        print(f"  {label:36s} {best:8.1f} best {median:8.1f} median{note}")
 
     if failures:
         print(f"\n{failures} of {len(rows)} checks FAILED")

