@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -17,7 +16,6 @@ import sys
 import pytest
 import torch
 
-import lora_ext
 from lora_ext import cli, llm
 from lora_ext.tasks import BASE_QUESTIONS, TASKS, WORDS, check_base, get_task
 
