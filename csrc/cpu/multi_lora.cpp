@@ -114,44 +114,91 @@ void lora_rows_forward(const RowsProblem<T>& p, const AdapterGroups& groups) {
     }
   });
 
-  // Expand: y[t, o-block] = base + scale * xa @ B_i[o-block, :r]^T, one item per
-  // (adapter, block of outputs). For a group with more than kDotRows rows the B block
-  // is packed (transposed) once and shared by its rows; below that, packing costs more
-  // than it saves and B is read in place (measured with callgrind on decode batches).
+  // Expand: y[t] = base[t] + scale * B_i[:, :r] @ xa[t]. Two shapes of work:
+  // - groups of at most kDotRows rows (decode): one item per (group, block of outputs),
+  //   reading B in place with expand_dot (packing B would cost more than it saves;
+  //   measured with callgrind on decode batches);
+  // - larger groups (prefill): B_i packed (transposed) once per call, then one item per
+  //   (group, chunk of rows) that walks the output blocks, so y and base are streamed
+  //   row by row rather than in scattered column blocks.
   constexpr int64_t kDotRows = 3;
+  constexpr int64_t kExpandRows = 16;
   const int64_t ob = mk.out_block;
   const int64_t num_blocks = (p.out + ob - 1) / ob;
-  const int64_t num_expand = num_groups * num_blocks;
-  at::parallel_for(0, num_expand, grain_for(num_expand, lora_work * p.out), [&](int64_t lo, int64_t hi) {
-    constexpr int64_t kRows = 64;
-    std::vector<Acc> bt(max_rank * ob);
-    const Acc* xa_rows[kRows];
-    const T* base_rows[kRows];
-    T* y_rows[kRows];
+  auto group_rows_of = [&](int64_t g) { return groups.offset[g + 1] - groups.offset[g]; };
+  auto fill_rows = [&](int64_t q0, int64_t n, int64_t o0, const Acc** xa_rows, const T** base_rows,
+                       T** y_rows) {
+    for (int64_t k = 0; k < n; ++k) {
+      const int64_t t = groups.order[q0 + k];
+      xa_rows[k] = xa.data() + (q0 + k) * xa_stride;
+      base_rows[k] = p.base ? p.base + t * p.out + o0 : nullptr;
+      y_rows[k] = p.y + t * p.out + o0;
+    }
+  };
+
+  std::vector<int64_t> few_groups, packed_groups, packed_offset;
+  int64_t packed_size = 0;
+  for (int64_t g = 0; g < num_groups; ++g) {
+    if (group_rows_of(g) <= kDotRows) {
+      few_groups.push_back(g);
+    } else {
+      packed_groups.push_back(g);
+      packed_offset.push_back(packed_size);
+      packed_size += num_blocks * p.ranks[groups.adapter[g]] * ob;
+    }
+  }
+
+  const int64_t num_few = static_cast<int64_t>(few_groups.size()) * num_blocks;
+  at::parallel_for(0, num_few, grain_for(num_few, num_few * ob * max_rank), [&](int64_t lo, int64_t hi) {
+    const Acc* xa_rows[kDotRows];
+    const T* base_rows[kDotRows];
+    T* y_rows[kDotRows];
     for (int64_t it = lo; it < hi; ++it) {
-      const int64_t g = it / num_blocks, o0 = (it % num_blocks) * ob;
-      const int64_t i = groups.adapter[g], rank = p.ranks[i];
-      const int64_t nout = std::min(ob, p.out - o0);
-      const T* b_block = p.b + i * p.b_stride + o0 * p.ldb;
+      const int64_t g = few_groups[it / num_blocks], o0 = (it % num_blocks) * ob;
+      const int64_t i = groups.adapter[g];
+      fill_rows(groups.offset[g], group_rows_of(g), o0, xa_rows, base_rows, y_rows);
       // Adapter i's B ends at row `out`, so this is safe whatever follows it in memory.
       const int64_t b_readable = (p.out - o0) * p.ldb;
-      const bool few_rows = groups.offset[g + 1] - groups.offset[g] <= kDotRows;
-      if (!few_rows) mk.pack_bt(b_block, p.ldb, nout, rank, bt.data());
-      for (int64_t q0 = groups.offset[g]; q0 < groups.offset[g + 1]; q0 += kRows) {
-        const int64_t n = std::min(kRows, groups.offset[g + 1] - q0);
-        for (int64_t k = 0; k < n; ++k) {
-          const int64_t t = groups.order[q0 + k];
-          xa_rows[k] = xa.data() + (q0 + k) * xa_stride;
-          base_rows[k] = p.base ? p.base + t * p.out + o0 : nullptr;
-          y_rows[k] = p.y + t * p.out + o0;
-        }
-        if (few_rows) {
-          mk.expand_dot(xa_rows, p.base ? base_rows : nullptr, y_rows, n, b_block, p.ldb,
-                        b_readable, rank, nout, p.scales[i]);
-        } else {
-          mk.expand(xa_rows, p.base ? base_rows : nullptr, y_rows, n, bt.data(), rank, nout,
-                    p.scales[i]);
-        }
+      mk.expand_dot(xa_rows, p.base ? base_rows : nullptr, y_rows, group_rows_of(g),
+                    p.b + i * p.b_stride + o0 * p.ldb, p.ldb, b_readable, p.ranks[i],
+                    std::min(ob, p.out - o0), p.scales[i]);
+    }
+  });
+  if (packed_groups.empty()) return;
+
+  std::vector<Acc> packed(packed_size);
+  const int64_t num_pack = static_cast<int64_t>(packed_groups.size()) * num_blocks;
+  at::parallel_for(0, num_pack, grain_for(num_pack, num_pack * ob * max_rank), [&](int64_t lo, int64_t hi) {
+    for (int64_t it = lo; it < hi; ++it) {
+      const int64_t k = it / num_blocks, blk = it % num_blocks, o0 = blk * ob;
+      const int64_t i = groups.adapter[packed_groups[k]], rank = p.ranks[i];
+      mk.pack_bt(p.b + i * p.b_stride + o0 * p.ldb, p.ldb, std::min(ob, p.out - o0), rank,
+                 packed.data() + packed_offset[k] + blk * rank * ob);
+    }
+  });
+
+  std::vector<std::pair<int64_t, int64_t>> chunks;  // (index into packed_groups, first position)
+  int64_t packed_work = 0;
+  for (int64_t k = 0; k < static_cast<int64_t>(packed_groups.size()); ++k) {
+    const int64_t g = packed_groups[k];
+    packed_work += group_rows_of(g) * p.ranks[groups.adapter[g]] * p.out;
+    for (int64_t q = groups.offset[g]; q < groups.offset[g + 1]; q += kExpandRows) chunks.emplace_back(k, q);
+  }
+  const int64_t num_chunks = static_cast<int64_t>(chunks.size());
+  at::parallel_for(0, num_chunks, grain_for(num_chunks, packed_work), [&](int64_t lo, int64_t hi) {
+    const Acc* xa_rows[kExpandRows];
+    const T* base_rows[kExpandRows];
+    T* y_rows[kExpandRows];
+    for (int64_t it = lo; it < hi; ++it) {
+      const auto [k, q0] = chunks[it];
+      const int64_t g = packed_groups[k], i = groups.adapter[g], rank = p.ranks[i];
+      const int64_t n = std::min(kExpandRows, groups.offset[g + 1] - q0);
+      for (int64_t blk = 0; blk < num_blocks; ++blk) {
+        const int64_t o0 = blk * ob;
+        fill_rows(q0, n, o0, xa_rows, base_rows, y_rows);
+        mk.expand(xa_rows, p.base ? base_rows : nullptr, y_rows, n,
+                  packed.data() + packed_offset[k] + blk * rank * ob, rank,
+                  std::min(ob, p.out - o0), p.scales[i]);
       }
     }
   });
