@@ -162,6 +162,18 @@ struct Impl {
                            T* const* y_rows, const Acc* bt, int64_t rank, int64_t nout,
                            Acc scale) {
     constexpr int NV = kOutBlock / kVL;
+    // The base and y rows continue past this block (the caller walks blocks left to
+    // right): prefetch a few blocks ahead so their DRAM latency hides behind the FMAs.
+    constexpr int64_t kAhead = 4 * kOutBlock;
+    constexpr int64_t kLine = 64 / sizeof(T);
+    if (nout == kOutBlock) {
+      for (int r = 0; r < ROWS; ++r) {
+        for (int64_t c = 0; c < kOutBlock; c += kLine) {
+          if (base_rows != nullptr) __builtin_prefetch(base_rows[r] + kAhead + c, 0, 0);
+          __builtin_prefetch(y_rows[r] + kAhead + c, 1, 0);
+        }
+      }
+    }
     Vec acc[ROWS][NV];
     for (int r = 0; r < ROWS; ++r)
       for (int v = 0; v < NV; ++v) acc[r][v] = Vec(Acc(0));
