@@ -367,7 +367,7 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("isa", ["default", "avx2"])
+@pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
 def test_cpu_isa_variants(isa):
     env = dict(os.environ, LORA_EXT_CPU_ISA=isa)
     proc = subprocess.run(

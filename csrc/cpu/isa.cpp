@@ -1,5 +1,5 @@
 // Picks the micro-kernel build for the running CPU, once per process.
-// LORA_EXT_CPU_ISA=default|avx2|avx512 forces one (for tests and comparisons).
+// LORA_EXT_CPU_ISA=default|avx2|avx512|avx512bf16 forces one (for tests and comparisons).
 #include "microkernels.h"
 
 #include <c10/util/Exception.h>
@@ -10,11 +10,18 @@
 namespace lora_ext::cpu {
 namespace {
 
-enum class Isa { kDefault, kAvx2, kAvx512 };
+enum class Isa { kDefault, kAvx2, kAvx512, kAvx512Bf16 };
 
 Isa best_supported_isa() {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
   __builtin_cpu_init();
+#if defined(LORA_EXT_HAS_ISA_AVX512BF16)
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+      __builtin_cpu_supports("avx512bf16"))
+    return Isa::kAvx512Bf16;
+#endif
 #if defined(LORA_EXT_HAS_ISA_AVX512)
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
@@ -36,9 +43,12 @@ Isa selected_isa() {
     const char* env = std::getenv("LORA_EXT_CPU_ISA");
     if (env == nullptr || *env == '\0') return best;
     const std::string want(env);
-    TORCH_CHECK(want == "default" || want == "avx2" || want == "avx512",
-                "LORA_EXT_CPU_ISA must be default, avx2 or avx512, got '", want, "'");
-    const Isa asked = want == "avx512" ? Isa::kAvx512 : want == "avx2" ? Isa::kAvx2 : Isa::kDefault;
+    TORCH_CHECK(want == "default" || want == "avx2" || want == "avx512" || want == "avx512bf16",
+                "LORA_EXT_CPU_ISA must be default, avx2, avx512 or avx512bf16, got '", want, "'");
+    const Isa asked = want == "avx512bf16" ? Isa::kAvx512Bf16
+                      : want == "avx512"   ? Isa::kAvx512
+                      : want == "avx2"     ? Isa::kAvx2
+                                           : Isa::kDefault;
     TORCH_CHECK(static_cast<int>(asked) <= static_cast<int>(best), "LORA_EXT_CPU_ISA=", want,
                 " is not supported by this CPU or build");
     return asked;
@@ -51,6 +61,10 @@ Isa selected_isa() {
 template <typename T>
 const MicroKernels<T>& micro_kernels() {
   switch (selected_isa()) {
+#if defined(LORA_EXT_HAS_ISA_AVX512BF16)
+    case Isa::kAvx512Bf16:
+      return AVX512BF16::kernels<T>();
+#endif
 #if defined(LORA_EXT_HAS_ISA_AVX512)
     case Isa::kAvx512:
       return AVX512::kernels<T>();

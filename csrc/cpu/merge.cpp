@@ -25,8 +25,9 @@ namespace {
 constexpr int64_t kMergeRows = 16;
 
 template <typename T>
-int64_t merge_pass(at::Tensor& weight, const at::Tensor& a_acc, const at::Tensor& b_acc, double scale,
-                   MergeMode mode, int8_t* residual, std::vector<int64_t>* overflow_index,
+int64_t merge_pass(at::Tensor& weight, const at::Tensor& a_acc, const at::Tensor& b_acc,
+                   const uint32_t* a_pairs, const uint32_t* b_pairs, double scale, MergeMode mode,
+                   int8_t* residual, std::vector<int64_t>* overflow_index,
                    std::vector<T>* overflow_value) {
   const MicroKernels<T>& mk = micro_kernels<T>();
   using Acc = acc_t<T>;
@@ -43,9 +44,10 @@ int64_t merge_pass(at::Tensor& weight, const at::Tensor& a_acc, const at::Tensor
     std::vector<T> val_buf(collect ? kMergeRows * in : 0);
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t r0 = task * kMergeRows, n = std::min(kMergeRows, rows - r0);
-      const int64_t found =
-          mk.merge_tile(w + r0 * in, residual ? residual + r0 * in : nullptr, n, in, a,
-                        b + r0 * rank, rank, static_cast<Acc>(scale), mode, off_buf.data(), val_buf.data());
+      const int64_t found = mk.merge_tile(
+          w + r0 * in, residual ? residual + r0 * in : nullptr, n, in, a, b + r0 * rank, rank,
+          a_pairs, b_pairs ? b_pairs + r0 * ((rank + 1) / 2) : nullptr, static_cast<Acc>(scale),
+          mode, off_buf.data(), val_buf.data());
       if (found > 0) {
         auto& idx = idx_per_thread[at::get_thread_num()];
         auto& val = val_per_thread[at::get_thread_num()];
@@ -65,6 +67,21 @@ int64_t merge_pass(at::Tensor& weight, const at::Tensor& a_acc, const at::Tensor
   return total;
 }
 
+// bf16 lora_a [r, in] and lora_b [out, r] as pairs of bf16 along the rank, viewed as
+// int32: a_pairs [ceil(r/2), in], b_pairs [out, ceil(r/2)] (see MicroKernels::merge_tile).
+std::tuple<at::Tensor, at::Tensor> bf16_pairs(const at::Tensor& lora_a, const at::Tensor& lora_b) {
+  const int64_t r = lora_a.size(0), in = lora_a.size(1), out = lora_b.size(0), half = (r + 1) / 2;
+  at::Tensor a = at::zeros({2 * half, in}, lora_a.options());
+  a.narrow(0, 0, r).copy_(lora_a);
+  at::Tensor b = at::zeros({out, 2 * half}, lora_b.options());
+  b.narrow(1, 0, r).copy_(lora_b);
+  // [half, 2, in] -> [half, in, 2]: the two rank rows of a pair side by side (into fresh
+  // row-major storage: .contiguous() may keep odd strides on size-1 dimensions).
+  at::Tensor a_pairs = at::empty({half, in, 2}, lora_a.options());
+  a_pairs.copy_(a.view({half, 2, in}).transpose(1, 2));
+  return {a_pairs.view(at::kInt).view({half, in}), b.view(at::kInt).view({out, half})};
+}
+
 // Runs one pass; returns (overflow_index, overflow_values), empty unless kExactMerge.
 std::tuple<at::Tensor, at::Tensor> run_merge(at::Tensor& weight, const at::Tensor& lora_a,
                                              const at::Tensor& lora_b, double scale,
@@ -74,10 +91,15 @@ std::tuple<at::Tensor, at::Tensor> run_merge(at::Tensor& weight, const at::Tenso
     constexpr auto acc_dtype = c10::CppTypeToScalarType<acc_t<scalar_t>>::value;
     const at::Tensor a_acc = lora_a.to(acc_dtype).contiguous();
     const at::Tensor b_acc = lora_b.to(acc_dtype).contiguous();
+    at::Tensor a_pairs, b_pairs;
+    if (micro_kernels<scalar_t>().bf16_pairs) std::tie(a_pairs, b_pairs) = bf16_pairs(lora_a, lora_b);
+    const auto* a_pairs_ptr = a_pairs.defined() ? a_pairs.const_data_ptr<int32_t>() : nullptr;
+    const auto* b_pairs_ptr = b_pairs.defined() ? b_pairs.const_data_ptr<int32_t>() : nullptr;
     std::vector<int64_t> idx;
     std::vector<scalar_t> val;
-    const int64_t n = merge_pass<scalar_t>(weight, a_acc, b_acc, scale, mode,
-                                           residual, &idx, &val);
+    const int64_t n = merge_pass<scalar_t>(
+        weight, a_acc, b_acc, reinterpret_cast<const uint32_t*>(a_pairs_ptr),
+        reinterpret_cast<const uint32_t*>(b_pairs_ptr), scale, mode, residual, &idx, &val);
     index = at::empty({n}, weight.options().dtype(at::kLong));
     values = at::empty({n}, weight.options());
     if (n > 0) {

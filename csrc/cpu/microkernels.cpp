@@ -9,6 +9,10 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cstring>
 
@@ -185,17 +189,14 @@ struct Impl {
         for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(xv, bv[v], acc[r][v]);
       }
     }
-    // Out through memory with constant indices (see merge_block).
+    // Index acc with constants only (see merge_block).
     const Vec vscale(scale);
-    alignas(64) Acc tile[ROWS][kOutBlock];
+    if (nout == kOutBlock) {
 #pragma GCC unroll 16
-    for (int r = 0; r < ROWS; ++r)
+      for (int r = 0; r < ROWS; ++r) {
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) (acc[r][v] * vscale).store(tile[r] + v * kVL);
-    for (int r = 0; r < ROWS; ++r) {
-      if (nout == kOutBlock) {
         for (int v = 0; v < NV; v += 2) {
-          Vec out0 = Vec::loadu(tile[r] + v * kVL), out1 = Vec::loadu(tile[r] + (v + 1) * kVL);
+          Vec out0 = acc[r][v] * vscale, out1 = acc[r][v + 1] * vscale;
           if (base_rows != nullptr) {
             Vec b0, b1;
             load2(base_rows[r] + v * kVL, b0, b1);
@@ -204,11 +205,17 @@ struct Impl {
           }
           store2(y_rows[r] + v * kVL, out0, out1);
         }
-      } else {
-        for (int64_t o = 0; o < nout; ++o)
-          y_rows[r][o] = static_cast<T>(tile[r][o] + (base_rows ? to_acc(base_rows[r][o]) : Acc(0)));
       }
+      return;
     }
+    alignas(64) Acc tile[ROWS][kOutBlock];
+#pragma GCC unroll 16
+    for (int r = 0; r < ROWS; ++r)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) (acc[r][v] * vscale).store(tile[r] + v * kVL);
+    for (int r = 0; r < ROWS; ++r)
+      for (int64_t o = 0; o < nout; ++o)
+        y_rows[r][o] = static_cast<T>(tile[r][o] + (base_rows ? to_acc(base_rows[r][o]) : Acc(0)));
   }
 
   // Few rows: y[o] = base[o] + scale * dot(b[o, :rank], xa), reading B rows in place
@@ -326,10 +333,76 @@ struct Impl {
     return overflows;
   }
 
+#if defined(__AVX512BF16__)
+  static constexpr bool kBf16Pairs = std::is_same_v<T, c10::BFloat16>;
+#else
+  static constexpr bool kBf16Pairs = false;
+#endif
+
+  // acc[r][h] = sum_j b[r][j] * a[j][k + kVL h .. +kVL] from bf16 pairs (microkernels.h);
+  // only bf16 in the AVX512BF16 build does anything here.
+  template <int ROWS>
+  C10_ALWAYS_INLINE static void pair_block(const uint32_t* a_pairs, const uint32_t* b_pairs, int64_t pair_rank,
+                         int64_t in, int64_t k, Vec (&acc)[ROWS][2]) {
+#if defined(__AVX512BF16__)
+    if constexpr (kBf16Pairs) {
+      __m512 s[ROWS][2];
+#pragma GCC unroll 16
+      for (int r = 0; r < ROWS; ++r) s[r][0] = s[r][1] = _mm512_setzero_ps();
+      for (int64_t jp = 0; jp < pair_rank; ++jp) {
+        const __m512bh a0 = (__m512bh)_mm512_loadu_si512(a_pairs + jp * in + k);
+        const __m512bh a1 = (__m512bh)_mm512_loadu_si512(a_pairs + jp * in + k + kVL);
+#pragma GCC unroll 16
+        for (int r = 0; r < ROWS; ++r) {
+          const __m512bh bv =
+              (__m512bh)_mm512_set1_epi32(static_cast<int>(b_pairs[r * pair_rank + jp]));
+          s[r][0] = _mm512_dpbf16_ps(s[r][0], bv, a0);
+          s[r][1] = _mm512_dpbf16_ps(s[r][1], bv, a1);
+        }
+      }
+#pragma GCC unroll 16
+      for (int r = 0; r < ROWS; ++r) {
+        acc[r][0] = Vec(s[r][0]);
+        acc[r][1] = Vec(s[r][1]);
+      }
+    }
+#endif
+  }
+
+  // The same in the accumulation type, for ncols (<= 2 kVL) columns. Both are inlined
+  // so that acc stays in registers.
+  template <int ROWS>
+  C10_ALWAYS_INLINE static void fma_block(const Acc* a, const Acc* b, int64_t rank, int64_t in, int64_t k,
+                        int64_t ncols, Vec (&acc)[ROWS][2]) {
+    for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = Vec(Acc(0));
+    if (ncols == 2 * kVL) {
+      for (int64_t j = 0; j < rank; ++j) {
+        const Vec a0 = Vec::loadu(a + j * in + k), a1 = Vec::loadu(a + j * in + k + kVL);
+        for (int r = 0; r < ROWS; ++r) {
+          const Vec bv(b[r * rank + j]);
+          acc[r][0] = at::vec::fmadd(bv, a0, acc[r][0]);
+          acc[r][1] = at::vec::fmadd(bv, a1, acc[r][1]);
+        }
+      }
+      return;
+    }
+    const int64_t n0 = std::min<int64_t>(kVL, ncols), n1 = ncols - n0;
+    for (int64_t j = 0; j < rank; ++j) {
+      const Vec a0 = Vec::loadu(a + j * in + k, n0);
+      const Vec a1 = n1 > 0 ? Vec::loadu(a + j * in + k + kVL, n1) : Vec(Acc(0));
+      for (int r = 0; r < ROWS; ++r) {
+        const Vec bv(b[r * rank + j]);
+        acc[r][0] = at::vec::fmadd(bv, a0, acc[r][0]);
+        acc[r][1] = at::vec::fmadd(bv, a1, acc[r][1]);
+      }
+    }
+  }
+
   template <int ROWS>
   static int64_t merge_block(T* w, int8_t* residual, int64_t in, const Acc* a, const Acc* b,
-                             int64_t rank, Acc scale, MergeMode mode, int64_t row0,
-                             int64_t* overflow_offset, T* overflow_value) {
+                             int64_t rank, const uint32_t* a_pairs, const uint32_t* b_pairs,
+                             Acc scale, MergeMode mode, int64_t row0, int64_t* overflow_offset,
+                             T* overflow_value) {
     constexpr int64_t kCols = 2 * kVL;
     const Vec vscale(scale);
     int64_t overflows = 0;
@@ -337,30 +410,24 @@ struct Impl {
     for (int64_t k = 0; k < in; k += kCols) {
       const int64_t ncols = std::min<int64_t>(kCols, in - k);
       Vec acc[ROWS][2];
-      for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = Vec(Acc(0));
-      if (ncols == kCols) {
-        for (int64_t j = 0; j < rank; ++j) {
-          const Vec a0 = Vec::loadu(a + j * in + k), a1 = Vec::loadu(a + j * in + k + kVL);
-          for (int r = 0; r < ROWS; ++r) {
-            const Vec bv(b[r * rank + j]);
-            acc[r][0] = at::vec::fmadd(bv, a0, acc[r][0]);
-            acc[r][1] = at::vec::fmadd(bv, a1, acc[r][1]);
-          }
-        }
+      if (kBf16Pairs && ncols == kCols && a_pairs != nullptr) {
+        pair_block<ROWS>(a_pairs, b_pairs, (rank + 1) / 2, in, k, acc);
       } else {
-        const int64_t n0 = std::min<int64_t>(kVL, ncols), n1 = ncols - n0;
-        for (int64_t j = 0; j < rank; ++j) {
-          const Vec a0 = Vec::loadu(a + j * in + k, n0);
-          const Vec a1 = n1 > 0 ? Vec::loadu(a + j * in + k + kVL, n1) : Vec(Acc(0));
-          for (int r = 0; r < ROWS; ++r) {
-            const Vec bv(b[r * rank + j]);
-            acc[r][0] = at::vec::fmadd(bv, a0, acc[r][0]);
-            acc[r][1] = at::vec::fmadd(bv, a1, acc[r][1]);
-          }
-        }
+        fma_block<ROWS>(a, b, rank, in, k, ncols, acc);
       }
-      // Leave the accumulators through memory with constant indices only; a run-time
-      // index into acc would make GCC store it on every iteration of the loop above.
+      // Index acc with constants only (fully unrolled loops): a run-time index would make
+      // GCC keep it in memory, storing it on every iteration of the loops above.
+      if (mode == MergeMode::kAdd && ncols == kCols) {
+#pragma GCC unroll 16
+        for (int r = 0; r < ROWS; ++r) {
+          T* wr = w + r * in + k;
+          Vec w0, w1;
+          load2(wr, w0, w1);
+          store2(wr, at::vec::fmadd(acc[r][0], vscale, w0), at::vec::fmadd(acc[r][1], vscale, w1));
+        }
+        continue;
+      }
+      // Tails and the exact modes go element by element through d.
 #pragma GCC unroll 16
       for (int r = 0; r < ROWS; ++r) {
         (acc[r][0] * vscale).store(d[r]);
@@ -368,11 +435,7 @@ struct Impl {
       }
       for (int r = 0; r < ROWS; ++r) {
         T* wr = w + r * in + k;
-        if (mode == MergeMode::kAdd && ncols == kCols) {
-          Vec w0, w1;
-          load2(wr, w0, w1);
-          store2(wr, w0 + Vec::loadu(d[r]), w1 + Vec::loadu(d[r] + kVL));
-        } else if (mode == MergeMode::kAdd) {
+        if (mode == MergeMode::kAdd) {
           for (int64_t c = 0; c < ncols; ++c) wr[c] = static_cast<T>(to_acc(wr[c]) + d[r][c]);
         } else {
           overflows += apply_exact(wr, residual + r * in + k, d[r], ncols, mode,
@@ -385,7 +448,8 @@ struct Impl {
   }
 
   static int64_t merge_tile(T* w, int8_t* residual, int64_t nrows, int64_t in, const Acc* a,
-                            const Acc* b, int64_t rank, Acc scale, MergeMode mode,
+                            const Acc* b, int64_t rank, const uint32_t* a_pairs,
+                            const uint32_t* b_pairs, Acc scale, MergeMode mode,
                             int64_t* overflow_offset, T* overflow_value) {
     // Eight rows share each load of `a` with 32 vector registers (16 accumulators), four with 16.
     constexpr int kRows = kMaxRows * 2;
@@ -394,8 +458,9 @@ struct Impl {
     auto step = [&](auto rows_tag) {
       constexpr int R = decltype(rows_tag)::value;
       overflows += merge_block<R>(w + r * in, residual ? residual + r * in : nullptr, in, a,
-                                  b + r * rank, rank, scale, mode, r, overflow_offset + overflows,
-                                  overflow_value + overflows);
+                                  b + r * rank, rank, a_pairs,
+                                  b_pairs ? b_pairs + r * ((rank + 1) / 2) : nullptr, scale, mode,
+                                  r, overflow_offset + overflows, overflow_value + overflows);
       r += R;
     };
     while (r + kRows <= nrows) step(std::integral_constant<int, kRows>{});
@@ -405,8 +470,8 @@ struct Impl {
   }
 
   static MicroKernels<T> table() {
-    return MicroKernels<T>{C10_STRINGIZE(CPU_CAPABILITY), kOutBlock, &shrink, &pack_bt,
-                           &expand, &expand_dot, &merge_tile};
+    return MicroKernels<T>{C10_STRINGIZE(CPU_CAPABILITY), kBf16Pairs, kOutBlock, &shrink,
+                           &pack_bt, &expand, &expand_dot, &merge_tile};
   }
 };
 

@@ -30,6 +30,9 @@ template <typename T>
 struct MicroKernels {
   using Acc = acc_t<T>;
   const char* isa;
+  // merge_tile takes bf16 factors as pairs (a_pairs/b_pairs) and uses the CPU's bf16
+  // dot-product instructions (twice the fp32 FMA rate; products of bf16 are exact in fp32).
+  bool bf16_pairs;
   // Outputs per expand call; the packed B tile is [rank][out_block] accumulator values.
   int out_block;
   // xa_rows[i][j] = sum_k x_rows[i][k] * a[j * in + k]  for i < nrows, j < rank.
@@ -53,8 +56,12 @@ struct MicroKernels {
   // applied as `mode` says. a, b are in Acc. In kExactMerge, elements whose correction does
   // not fit in int8 get residual -128 and their flat offset from `w` and original value
   // written to overflow_offset/overflow_value (room for nrows * in); returns their count.
+  // With bf16_pairs, a_pairs [ceil(rank/2)][in] and b_pairs [nrows][ceil(rank/2)] hold
+  // the same factors as bf16 pairs along the rank (low half: the even rank index; an odd
+  // rank is padded with a zero); otherwise both are null.
   int64_t (*merge_tile)(T* w, int8_t* residual, int64_t nrows, int64_t in, const Acc* a,
-                        const Acc* b, int64_t rank, Acc scale, MergeMode mode,
+                        const Acc* b, int64_t rank, const uint32_t* a_pairs,
+                        const uint32_t* b_pairs, Acc scale, MergeMode mode,
                         int64_t* overflow_offset, T* overflow_value);
 };
 
@@ -69,6 +76,7 @@ const MicroKernels<T>& micro_kernels();
 LORA_EXT_DECLARE_ISA(DEFAULT)
 LORA_EXT_DECLARE_ISA(AVX2)
 LORA_EXT_DECLARE_ISA(AVX512)
+LORA_EXT_DECLARE_ISA(AVX512BF16)
 #undef LORA_EXT_DECLARE_ISA
 
 }  // namespace lora_ext::cpu
