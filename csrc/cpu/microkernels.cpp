@@ -52,24 +52,6 @@ struct Impl {
     }
   }
 
-  static void store(T* p, const Vec& v, int64_t count) {
-    if (count == kVL) {
-      if constexpr (std::is_same_v<T, Acc>) {
-        v.store(p);
-      } else {
-        // A constant-size copy of half a converted vector (a partial Vectorized
-        // store would call memcpy with a run-time size).
-        alignas(64) T tmp[2 * kVL];
-        at::vec::convert_from_float<T>(v, v).store(tmp);
-        std::memcpy(p, tmp, kVL * sizeof(T));
-      }
-      return;
-    }
-    alignas(64) Acc tmp[kVL];
-    v.store(tmp);
-    for (int64_t i = 0; i < count; ++i) p[i] = static_cast<T>(tmp[i]);
-  }
-
   // Two vectors' worth (2 * kVL elements): one full vector of a 16-bit T.
   static void load2(const T* p, Vec& v0, Vec& v1) {
     if constexpr (std::is_same_v<T, Acc>) {
