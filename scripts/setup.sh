@@ -22,4 +22,4 @@ echo "[setup] build and model dependencies"
 
 echo "[setup] building lora_ext against torch $("$PY" -c 'import torch; print(torch.__version__)')"
 "$PY" -m pip install "${quiet[@]}" --no-build-isolation --no-deps -Cbuild-dir=build/cpu -e .
-"$PY" -c "import lora_ext, torch; print('[setup] lora_ext ok:', sorted(n for n in dir(torch.ops.lora_ext) if not n.startswith('_')))"
+"$PY" -c "import lora_ext, torch; print('[setup] lora_ext ok:', ', '.join(sorted(n.split('::')[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith('lora_ext::'))))"
