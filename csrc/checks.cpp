@@ -96,11 +96,14 @@ void check_lora_linear_backward_args(const at::Tensor& grad_out, const at::Tenso
               at::IntArrayRef(expected), ", got ", grad_out.sizes());
 }
 
-void check_multi_lora_args(const at::Tensor& x, const at::Tensor& a_stack,
-                           const at::Tensor& b_stack, const at::Tensor& indices,
-                           const at::Tensor& scales, const std::optional<at::Tensor>& ranks,
-                           const std::optional<at::Tensor>& base) {
-  constexpr const char* op = "multi_lora";
+namespace {
+
+// base_name: "base" (multi_lora) or "y" (multi_lora_add_), the [T, out] tensor.
+void check_multi_lora_common(const at::Tensor& x, const at::Tensor& a_stack,
+                             const at::Tensor& b_stack, const at::Tensor& indices,
+                             const at::Tensor& scales, const std::optional<at::Tensor>& ranks,
+                             const std::optional<at::Tensor>& base, const char* op,
+                             const char* base_name) {
   check_float(x, op, "x");
   check_float(a_stack, op, "a_stack");
   check_float(b_stack, op, "b_stack");
@@ -136,13 +139,39 @@ void check_multi_lora_args(const at::Tensor& x, const at::Tensor& a_stack,
     check_same_device(x, "x", *ranks, op, "ranks");
   }
   if (base.has_value() && base->defined()) {
-    check_float(*base, op, "base");
-    check_dim(*base, 2, op, "base", "[T, out]");
-    check_size(*base, 0, T, op, "base", "T, from x.size(0)");
-    check_size(*base, 1, b_stack.size(1), op, "base", "out, from b_stack.size(1)");
-    check_same_dtype(x, "x", *base, op, "base");
-    check_same_device(x, "x", *base, op, "base");
+    check_float(*base, op, base_name);
+    check_dim(*base, 2, op, base_name, "[T, out]");
+    check_size(*base, 0, T, op, base_name, "T, from x.size(0)");
+    check_size(*base, 1, b_stack.size(1), op, base_name, "out, from b_stack.size(1)");
+    check_same_dtype(x, "x", *base, op, base_name);
+    check_same_device(x, "x", *base, op, base_name);
   }
+}
+
+}  // namespace
+
+void check_multi_lora_args(const at::Tensor& x, const at::Tensor& a_stack,
+                           const at::Tensor& b_stack, const at::Tensor& indices,
+                           const at::Tensor& scales, const std::optional<at::Tensor>& ranks,
+                           const std::optional<at::Tensor>& base) {
+  check_multi_lora_common(x, a_stack, b_stack, indices, scales, ranks, base, "multi_lora",
+                          "base");
+}
+
+void check_multi_lora_add_args(const at::Tensor& y, const at::Tensor& x,
+                               const at::Tensor& a_stack, const at::Tensor& b_stack,
+                               const at::Tensor& indices, const at::Tensor& scales,
+                               const std::optional<at::Tensor>& ranks) {
+  constexpr const char* op = "multi_lora_add_";
+  TORCH_CHECK(y.defined(), op, ": y must be a tensor, got None");
+  check_multi_lora_common(x, a_stack, b_stack, indices, scales, ranks, y, op, "y");
+  // Rows are written through a row stride; overlapping rows would race.
+  TORCH_CHECK(y.size(1) <= 1 || y.stride(1) == 1, op,
+              ": y must have unit column stride (a row-major tensor or a column slice of "
+              "one), got strides ", y.strides());
+  TORCH_CHECK(y.size(0) <= 1 || y.stride(0) >= y.size(1), op,
+              ": y's rows must not overlap (row stride >= out), got strides ", y.strides(),
+              " for shape ", y.sizes());
 }
 
 void check_multi_lora_backward_args(const at::Tensor& grad_out, const at::Tensor& x,

@@ -43,6 +43,12 @@ void check_multi_lora_args(const at::Tensor& x, const at::Tensor& a_stack,
                            const at::Tensor& b_stack, const at::Tensor& indices,
                            const at::Tensor& scales, const std::optional<at::Tensor>& ranks,
                            const std::optional<at::Tensor>& base);
+// multi_lora's checks for multi_lora_add_, with y [T, out] in place of base; y must have
+// unit column stride and row stride >= out (a column slice of a wider output is fine).
+void check_multi_lora_add_args(const at::Tensor& y, const at::Tensor& x,
+                               const at::Tensor& a_stack, const at::Tensor& b_stack,
+                               const at::Tensor& indices, const at::Tensor& scales,
+                               const std::optional<at::Tensor>& ranks);
 void check_multi_lora_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
                                     const at::Tensor& a_stack, const at::Tensor& b_stack,
                                     const at::Tensor& indices, const at::Tensor& scales,

@@ -28,6 +28,10 @@ using GradTuple5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
                         const at::Tensor& b_stack, const at::Tensor& indices,               \
                         const at::Tensor& scales, const std::optional<at::Tensor>& ranks,   \
                         const std::optional<at::Tensor>& base);                             \
+  /* y[t] += update of row t, in place; y may be a column slice (row stride >= out). */    \
+  void multi_lora_add_(at::Tensor& y, const at::Tensor& x, const at::Tensor& a_stack,       \
+                       const at::Tensor& b_stack, const at::Tensor& indices,                \
+                       const at::Tensor& scales, const std::optional<at::Tensor>& ranks);   \
   /* Outputs: grad_x, grad_a_stack, grad_b_stack (grad of base is grad_out itself). */      \
   GradTuple3 multi_lora_backward(const at::Tensor& grad_out, const at::Tensor& x,           \
                                  const at::Tensor& a_stack, const at::Tensor& b_stack,      \

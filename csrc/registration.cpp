@@ -18,6 +18,11 @@ TORCH_LIBRARY(lora_ext, m) {
   m.def(
       "multi_lora(Tensor x, Tensor a_stack, Tensor b_stack, Tensor indices, Tensor scales, "
       "Tensor? ranks, Tensor? base) -> Tensor");
+  // In place: y[t] += scales[i] * B_i (A_i x_t) for rows with an adapter; y may be a
+  // column slice of a wider output (row stride >= width, unit column stride).
+  m.def(
+      "multi_lora_add_(Tensor(a!) y, Tensor x, Tensor a_stack, Tensor b_stack, Tensor indices, "
+      "Tensor scales, Tensor? ranks) -> ()");
   // Gradients (x, a_stack, b_stack); masked-off outputs are empty tensors.
   m.def(
       "multi_lora_backward(Tensor grad_out, Tensor x, Tensor a_stack, Tensor b_stack, "

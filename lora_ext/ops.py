@@ -54,6 +54,27 @@ def multi_lora(
     return _ops.multi_lora.default(x, a_stack, b_stack, indices, scales, ranks, base)
 
 
+def multi_lora_add_(
+    y: Tensor,
+    x: Tensor,
+    a_stack: Tensor,
+    b_stack: Tensor,
+    indices: Tensor,
+    scales: Tensor,
+    ranks: Optional[Tensor] = None,
+) -> None:
+    """In place, :func:`multi_lora` added into ``y``: no output is allocated.
+
+    y: ``[T, out]`` with unit column stride and row stride ``>= out``, so a column
+    slice of a wider output (``y_full[:, o0:o0 + out]``) is updated where it lies.
+    Row t with ``i = indices[t] >= 0`` gets
+    ``y[t] += scales[i] * (x[t] @ a_stack[i, :ranks[i]].T) @ b_stack[i, :, :ranks[i]].T``
+    (fp32 accumulation, rounded once); rows with -1 are not touched. The other
+    arguments are as for :func:`multi_lora`. On any error y is left unchanged.
+    """
+    _ops.multi_lora_add_.default(y, x, a_stack, b_stack, indices, scales, ranks)
+
+
 def merge_(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float) -> None:
     """In place, ``weight += scale * lora_b @ lora_a`` in one pass, fp32 accumulation.
 
@@ -118,6 +139,11 @@ def _lora_linear_backward_fake(grad_out, x, weight, lora_a, lora_b, scale, outpu
 @torch.library.register_fake("lora_ext::multi_lora")
 def _multi_lora_fake(x, a_stack, b_stack, indices, scales, ranks, base):
     return x.new_empty((x.shape[0], b_stack.shape[1]))
+
+
+@torch.library.register_fake("lora_ext::multi_lora_add_")
+def _multi_lora_add_fake(y, x, a_stack, b_stack, indices, scales, ranks):
+    return None
 
 
 @torch.library.register_fake("lora_ext::multi_lora_backward")

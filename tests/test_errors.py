@@ -53,6 +53,32 @@ def test_multi_lora_rejects(case):
         ops.multi_lora(**args)
 
 
+ADD_BAD = {
+    # case: (changes to the arguments, text the error must contain)
+    "y_rows": (dict(y=torch.randn(5, 5)), "multi_lora_add_: y.size(0)"),
+    "y_cols": (dict(y=torch.randn(6, 4)), "multi_lora_add_: y.size(1)"),
+    "y_dtype": (dict(y=torch.randn(6, 5, dtype=torch.float64)), "y has dtype Double"),
+    "y_transposed": (dict(y=torch.randn(5, 6).t()), "y must have unit column stride"),
+    "y_broadcast_rows": (dict(y=torch.randn(5).expand(6, 5)), "rows must not overlap"),
+    "y_rows_overlap": (dict(y=torch.randn(20).as_strided((6, 5), (2, 1))), "rows must not overlap"),
+    "index_too_large": (dict(indices=torch.tensor([0, 1, 3, -1, 0, 1])), "indices[2] = 3 is out of range"),
+    "rank_above_R": (dict(ranks=torch.tensor([1, 5, 2])), "ranks[1] = 5 is out of range"),
+    "a_stack_in_mismatch": (dict(a_stack=torch.randn(3, 4, 9)), "a_stack.size(2)"),
+}
+
+
+@pytest.mark.parametrize("case", list(ADD_BAD))
+def test_multi_lora_add_rejects_and_leaves_y_untouched(case):
+    changes, message = ADD_BAD[case]
+    args = _multi_args()
+    args["y"] = args.pop("base")
+    args.update(changes)
+    before = args["y"].clone()
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        ops.multi_lora_add_(**args)
+    assert torch.equal(args["y"], before)
+
+
 LINEAR_BAD = {
     "x_in_mismatch": (dict(x=torch.randn(4, 9)), "x.size(-1) (in) must equal weight.size(1)"),
     "lora_a_in_mismatch": (dict(lora_a=torch.randn(2, 9)), "lora_a.size(1)"),

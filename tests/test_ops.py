@@ -116,6 +116,62 @@ def test_multi_lora_non_contiguous(device, dtype):
 
 
 # ---------------------------------------------------------------------------
+# multi_lora_add_ (in place, into a column slice)
+
+ADD_SHAPES = MULTI_SHAPES + [(200, 96, 48, 5, 8)]  # 200 rows: the CUDA prefill path
+
+
+def _wide_output(T, d_out, device, dtype, left=5, right=3, seed=1):
+    """A [T, left + d_out + right] tensor and the column slice the op writes into."""
+    g = torch.Generator().manual_seed(seed)
+    full = torch.randn(T, left + d_out + right, generator=g).to(device, dtype)
+    return full, full[:, left : left + d_out]
+
+
+@pytest.mark.parametrize("shape", ADD_SHAPES, ids=lambda s: "T{}_in{}_out{}_N{}_R{}".format(*s))
+@pytest.mark.parametrize("index_dtype", INDEX_DTYPES, ids=id_formatter("idx"))
+def test_multi_lora_add_into_slice_matches_reference(shape, index_dtype, device, dtype):
+    T, _, d_out = shape[:3]
+    x, a, b, idx, scales, ranks, _ = make_multi_lora(*shape, device, dtype, index_dtype, with_base=False)
+    full, y = _wide_output(T, d_out, device, dtype)
+    before = full.clone()
+    expected = ref_multi_lora(x, a, b, idx, scales, ranks, y)
+    ops.multi_lora_add_(y, x, a, b, idx, scales, ranks)
+    assert_close_to_ref(y, expected, dtype, "multi_lora_add_")
+    # Outside the slice, and rows with no adapter, are left bit for bit.
+    assert torch.equal(full[:, :5], before[:, :5]) and torch.equal(full[:, 5 + d_out :], before[:, 5 + d_out :])
+    skipped = (idx == -1).cpu()
+    assert torch.equal(full.cpu()[skipped], before.cpu()[skipped])
+
+
+def test_multi_lora_add_matches_multi_lora(device, dtype):
+    """The in-place op and the functional one share their kernel: same bits."""
+    x, a, b, idx, scales, ranks, base = make_multi_lora(40, 72, 56, 4, 16, device, dtype)
+    y = base.clone()
+    ops.multi_lora_add_(y, x, a, b, idx, scales, None)
+    assert torch.equal(y, ops.multi_lora(x, a, b, idx, scales, None, base))
+
+
+def test_multi_lora_add_slices_of_one_output(device, dtype):
+    """vLLM's packed layers: one call per slice of a fused output, each its own adapters."""
+    T, d_in, slices = 33, 64, (48, 16, 16)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(T, d_in, generator=g).to(device, dtype)
+    idx = torch.randint(-1, 4, (T,), generator=g).to(device)
+    y = torch.randn(T, sum(slices), generator=g).to(device, dtype)
+    expected = y.double().cpu().clone()
+    offset = 0
+    for width in slices:
+        a = torch.randn(4, 8, d_in, generator=g).to(device, dtype)
+        b = torch.randn(4, width, 8, generator=g).to(device, dtype)
+        scales = torch.full((4,), 0.5, device=device)
+        expected[:, offset : offset + width] = ref_multi_lora(x, a, b, idx, scales, None, y[:, offset : offset + width])
+        ops.multi_lora_add_(y[:, offset : offset + width], x, a, b, idx, scales)
+        offset += width
+    assert_close_to_ref(y, expected, dtype, "packed slices")
+
+
+# ---------------------------------------------------------------------------
 # lora_linear
 
 LINEAR_SHAPES = [  # (leading dims, in, out, r)
@@ -261,6 +317,8 @@ def _opcheck_samples(device):
         "multi_lora": (x, a, b, idx, scales, ranks, base),
         "multi_lora_no_opt": (xr, a, b, idx.int(), scales, None, None),
         "multi_lora_backward": (grad, x, a, b, idx, scales, ranks, [True, True, False]),
+        "multi_lora_add_": (torch.randn(11, 26, device=device)[:, 3:23], x, a, b, idx, scales, ranks),
+        "multi_lora_add__no_opt": (base.clone(), x, a, b, idx.int(), scales, None),
         "merge_": (w.clone(), la, lb, 0.5),
         "unmerge_": (w.clone(), la, lb, 0.5),
         "merge_exact_": (w.clone(), la, lb, 0.5, residual.clone()),
@@ -275,6 +333,8 @@ OPCHECK_CASES = [
     "multi_lora",
     "multi_lora_no_opt",
     "multi_lora_backward",
+    "multi_lora_add_",
+    "multi_lora_add__no_opt",
     "merge_",
     "unmerge_",
     "merge_exact_",
@@ -330,6 +390,19 @@ def test_compile_multi_lora_fullgraph(device):
     args = _opcheck_samples(device)["multi_lora"]
     fn = torch.compile(ops.multi_lora, fullgraph=True, backend="aot_eager")
     assert_close_to_ref(fn(*args), ref_multi_lora(*args), torch.float32)
+
+
+def test_compile_multi_lora_add_fullgraph(device):
+    torch._dynamo.reset()
+    y, x, a, b, idx, scales, ranks = _opcheck_samples(device)["multi_lora_add_"]
+    expected = ref_multi_lora(x, a, b, idx, scales, ranks, y)
+
+    def step(y):
+        ops.multi_lora_add_(y, x, a, b, idx, scales, ranks)
+        return y.sum()
+
+    torch.compile(step, fullgraph=True, backend="aot_eager")(y)
+    assert_close_to_ref(y, expected, torch.float32)
 
 
 @pytest.mark.parametrize("op", ["merge_", "unmerge_"])

@@ -33,7 +33,8 @@ at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight,
                                   &scale_acc,
                                   &rank_of,
                                   y.const_data_ptr<scalar_t>(),
-                                  y.mutable_data_ptr<scalar_t>()};
+                                  y.mutable_data_ptr<scalar_t>(),
+                                  out};
     lora_rows_forward(p, single_group(x2.size(0)));
   });
   auto out_shape = x.sizes().vec();

@@ -40,8 +40,9 @@ struct RowsProblem {
   int64_t out;
   const acc_t<T>* scales;  // [N]
   const int64_t* ranks;  // [N]
-  const T* base;       // [T, out] or null; may equal y
+  const T* base;       // [T, out] or null; may equal y (then y is updated in place)
   T* y;                // [T, out]
+  int64_t ldy;         // row stride of y and base (>= out; > out for a column slice)
 };
 
 template <typename T>

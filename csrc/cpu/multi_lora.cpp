@@ -77,9 +77,9 @@ void lora_rows_forward(const RowsProblem<T>& p, const AdapterGroups& groups) {
     for (int64_t s = lo; s < hi; ++s) {
       const int64_t t = groups.skipped[s];
       if (p.base == nullptr) {
-        std::memset(p.y + t * p.out, 0, row_bytes);
+        std::memset(p.y + t * p.ldy, 0, row_bytes);
       } else if (p.base != p.y) {
-        std::memcpy(p.y + t * p.out, p.base + t * p.out, row_bytes);
+        std::memcpy(p.y + t * p.ldy, p.base + t * p.ldy, row_bytes);
       }
     }
   });
@@ -131,8 +131,8 @@ void lora_rows_forward(const RowsProblem<T>& p, const AdapterGroups& groups) {
     for (int64_t k = 0; k < n; ++k) {
       const int64_t t = groups.order[q0 + k];
       xa_rows[k] = xa.data() + (q0 + k) * xa_stride;
-      base_rows[k] = p.base ? p.base + t * p.out + o0 : nullptr;
-      y_rows[k] = p.y + t * p.out + o0;
+      base_rows[k] = p.base ? p.base + t * p.ldy + o0 : nullptr;
+      y_rows[k] = p.y + t * p.ldy + o0;
     }
   };
 
@@ -225,26 +225,23 @@ at::Tensor checked_ranks(const std::optional<at::Tensor>& ranks, int64_t num_ada
   return r;
 }
 
-}  // namespace
-
-at::Tensor multi_lora(const at::Tensor& x_in, const at::Tensor& a_in, const at::Tensor& b_in,
-                      const at::Tensor& indices, const at::Tensor& scales_in,
-                      const std::optional<at::Tensor>& ranks_in,
-                      const std::optional<at::Tensor>& base_in) {
-  check_multi_lora_args(x_in, a_in, b_in, indices, scales_in, ranks_in, base_in);
+// The shared forward of multi_lora and multi_lora_add_: y[t] = base[t] + update, where
+// base may be undefined (zeros) or y itself (in place; y may be a column slice).
+void multi_lora_into(const at::Tensor& x_in, const at::Tensor& a_in, const at::Tensor& b_in,
+                     const at::Tensor& indices, const at::Tensor& scales_in,
+                     const std::optional<at::Tensor>& ranks_in, const at::Tensor& base,
+                     at::Tensor& y) {
   const int64_t num_adapters = a_in.size(0), max_rank = a_in.size(1);
+  // Both raise on a bad value before y is touched.
   const at::Tensor ranks = checked_ranks(ranks_in, num_adapters, max_rank);
   const AdapterGroups groups = group_rows(indices, num_adapters);
 
   const at::Tensor x = x_in.contiguous(), a = a_in.contiguous(), b = b_in.contiguous();
-  const bool has_base = base_in.has_value() && base_in->defined();
-  const at::Tensor base = has_base ? base_in->contiguous() : at::Tensor();
   const int64_t out = b.size(1);
-  at::Tensor y = at::empty({x.size(0), out}, x.options());
-
   LORA_EXT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "multi_lora", [&] {
     using Acc = acc_t<scalar_t>;
     const at::Tensor scales = scales_in.to(c10::CppTypeToScalarType<Acc>::value).contiguous();
+    scalar_t* y_ptr = y.mutable_data_ptr<scalar_t>();
     const RowsProblem<scalar_t> p{x.const_data_ptr<scalar_t>(),
                                   x.size(1),
                                   a.const_data_ptr<scalar_t>(),
@@ -255,11 +252,34 @@ at::Tensor multi_lora(const at::Tensor& x_in, const at::Tensor& a_in, const at::
                                   out,
                                   scales.const_data_ptr<Acc>(),
                                   ranks.const_data_ptr<int64_t>(),
-                                  has_base ? base.const_data_ptr<scalar_t>() : nullptr,
-                                  y.mutable_data_ptr<scalar_t>()};
+                                  !base.defined()     ? nullptr
+                                  : base.is_same(y)   ? y_ptr
+                                                      : base.const_data_ptr<scalar_t>(),
+                                  y_ptr,
+                                  y.size(0) > 1 ? y.stride(0) : out};
     lora_rows_forward(p, groups);
   });
+}
+
+}  // namespace
+
+at::Tensor multi_lora(const at::Tensor& x, const at::Tensor& a_stack, const at::Tensor& b_stack,
+                      const at::Tensor& indices, const at::Tensor& scales,
+                      const std::optional<at::Tensor>& ranks,
+                      const std::optional<at::Tensor>& base_in) {
+  check_multi_lora_args(x, a_stack, b_stack, indices, scales, ranks, base_in);
+  const bool has_base = base_in.has_value() && base_in->defined();
+  const at::Tensor base = has_base ? base_in->contiguous() : at::Tensor();
+  at::Tensor y = at::empty({x.size(0), b_stack.size(1)}, x.options());
+  multi_lora_into(x, a_stack, b_stack, indices, scales, ranks, base, y);
   return y;
+}
+
+void multi_lora_add_(at::Tensor& y, const at::Tensor& x, const at::Tensor& a_stack,
+                     const at::Tensor& b_stack, const at::Tensor& indices,
+                     const at::Tensor& scales, const std::optional<at::Tensor>& ranks) {
+  check_multi_lora_add_args(y, x, a_stack, b_stack, indices, scales, ranks);
+  multi_lora_into(x, a_stack, b_stack, indices, scales, ranks, y, y);
 }
 
 GradTuple3 multi_lora_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
@@ -301,6 +321,7 @@ GradTuple3 multi_lora_backward(const at::Tensor& grad_in, const at::Tensor& x_in
 
 TORCH_LIBRARY_IMPL(lora_ext, CPU, m) {
   m.impl("multi_lora", &multi_lora);
+  m.impl("multi_lora_add_", &multi_lora_add_);
   m.impl("multi_lora_backward", &multi_lora_backward);
 }
 

@@ -237,18 +237,19 @@ __global__ void __launch_bounds__(kShrinkWarps * 32)
 }
 
 // y[t, o] = base[t, o] (or 0) + sum_{k < rank_i} h[t, k] * B[i, o, k]; rows with no
-// adapter get base (or 0). One thread per output element.
+// adapter get base (or 0). y and base share the row stride ldy; base may be y itself
+// (in place). One thread per output element.
 template <typename T, bool Vec>
 __global__ void __launch_bounds__(kExpandThreads)
     decode_expand_kernel(const acc_t<T>* __restrict__ h, const T* __restrict__ b,
                          const int* __restrict__ indices, const int* __restrict__ ranks,
-                         const T* __restrict__ base, T* __restrict__ y, int64_t out, int64_t N,
-                         int R) {
+                         const T* base, T* y, int64_t out, int64_t ldy, int64_t N, int R) {
   using Acc = acc_t<T>;
   const int64_t t = blockIdx.x;
   const int64_t o = static_cast<int64_t>(blockIdx.y) * kExpandThreads + threadIdx.x;
   if (o >= out) return;
   const int i = sanitize_index(indices[t], N);
+  if (i < 0 && base == y) return;  // in place: nothing to add
   Acc acc = 0;
   if (i >= 0) {
     const int rank = adapter_rank(ranks, i, R);
@@ -268,13 +269,15 @@ __global__ void __launch_bounds__(kExpandThreads)
       for (int k = 0; k < rank; ++k) acc = fma_acc(hr[k], to_acc(br[k]), acc);
     }
   }
-  const Acc b0 = base != nullptr ? to_acc(base[t * out + o]) : Acc(0);
-  y[t * out + o] = from_acc<T>(b0 + acc);
+  const Acc b0 = base != nullptr ? to_acc(base[t * ldy + o]) : Acc(0);
+  y[t * ldy + o] = from_acc<T>(b0 + acc);
 }
 
+// base: null, a [T, out] tensor with row stride ldy, or y itself.
 template <typename T>
 void decode_forward(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
-                    const Prepared& p, const acc_t<T>* scales, const T* base, at::Tensor& y) {
+                    const Prepared& p, const acc_t<T>* scales, const T* base, T* y,
+                    int64_t ldy) {
   const int64_t T_ = x.size(0), in = x.size(1), N = a.size(0), out = b.size(1);
   const int R = static_cast<int>(a.size(1));
   at::Tensor h = at::empty({T_, R}, x.options().dtype(acc_dtype(x.scalar_type())));
@@ -298,9 +301,26 @@ void decode_forward(const at::Tensor& x, const at::Tensor& a, const at::Tensor& 
   const bool vec_b = R % kVec<T> == 0 && aligned16(bp);
   LORA_EXT_BOOL_SWITCH(vec_b, kVecB, [&] {
     decode_expand_kernel<T, kVecB><<<egrid, kExpandThreads, 0, stream>>>(
-        hp, bp, idx, ranks, base, y.mutable_data_ptr<T>(), out, N, R);
+        hp, bp, idx, ranks, base, y, out, ldy, N, R);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Prefill: rows grouped by adapter, then y[t] += update for rows with an adapter
+// (row stride ldy); rows with none are not touched.
+template <typename T>
+void prefill_add(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
+                 const Prepared& p, const acc_t<T>* scales, T* y, int64_t ldy) {
+  using Acc = acc_t<T>;
+  const int64_t T_ = x.size(0), in = x.size(1), N = a.size(0), R = a.size(1), out = b.size(1);
+  const Grouping g = group_rows(p.indices, T_, N);
+  at::Tensor h = at::empty({T_, R}, x.options().dtype(acc_dtype(x.scalar_type())));
+  launch_shrink<T, true>(g.groups, T_, N, x.const_data_ptr<T>(), in, in,
+                         AdapterOperand<T>{a.const_data_ptr<T>(), R * in, in, 1}, p.ranks_ptr(),
+                         static_cast<int>(R), scales, h.mutable_data_ptr<Acc>(), R);
+  launch_expand<T, true, true>(g.groups, T_, N, h.const_data_ptr<Acc>(), R,
+                               AdapterOperand<T>{b.const_data_ptr<T>(), out * R, R, 1},
+                               p.ranks_ptr(), static_cast<int>(R), out, y, ldy, nullptr, Acc(1));
 }
 
 void check_sizes(int64_t T, int64_t N, int64_t R, int64_t out, const char* op) {
@@ -320,7 +340,7 @@ at::Tensor multi_lora(const at::Tensor& x_in, const at::Tensor& a_in, const at::
                       const std::optional<at::Tensor>& base_in) {
   check_multi_lora_args(x_in, a_in, b_in, indices, scales_in, ranks_in, base_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const int64_t T = x_in.size(0), in = x_in.size(1), N = a_in.size(0), R = a_in.size(1);
+  const int64_t T = x_in.size(0), N = a_in.size(0), R = a_in.size(1);
   const int64_t out = b_in.size(1);
   check_sizes(T, N, R, out, "multi_lora");
   const Prepared p = prepare_indices(indices, ranks_in, N, R, "multi_lora");
@@ -338,23 +358,39 @@ at::Tensor multi_lora(const at::Tensor& x_in, const at::Tensor& a_in, const at::
       const at::Tensor base = has_base ? base_in->contiguous() : at::Tensor();
       y = at::empty({T, out}, x.options());
       decode_forward<T_>(x, a, b, p, scales.const_data_ptr<Acc>(),
-                         has_base ? base.const_data_ptr<T_>() : nullptr, y);
+                         has_base ? base.const_data_ptr<T_>() : nullptr, y.mutable_data_ptr<T_>(),
+                         out);
       return;
     }
-    const Grouping g = group_rows(p.indices, T, N);
-    at::Tensor h = at::empty({T, R}, x.options().dtype(acc_type));
-    launch_shrink<T_, true>(g.groups, T, N, x.const_data_ptr<T_>(), in, in,
-                            AdapterOperand<T_>{a.const_data_ptr<T_>(), R * in, in, 1},
-                            p.ranks_ptr(), static_cast<int>(R), scales.const_data_ptr<Acc>(),
-                            h.mutable_data_ptr<Acc>(), R);
     // Rows without an adapter keep base (or zero); the others get the update added.
     y = has_base ? base_in->clone(at::MemoryFormat::Contiguous) : at::zeros({T, out}, x.options());
-    launch_expand<T_, true, true>(g.groups, T, N, h.const_data_ptr<Acc>(), R,
-                                  AdapterOperand<T_>{b.const_data_ptr<T_>(), out * R, R, 1},
-                                  p.ranks_ptr(), static_cast<int>(R), out,
-                                  y.mutable_data_ptr<T_>(), out, nullptr, Acc(1));
+    prefill_add<T_>(x, a, b, p, scales.const_data_ptr<Acc>(), y.mutable_data_ptr<T_>(), out);
   });
   return y;
+}
+
+void multi_lora_add_(at::Tensor& y, const at::Tensor& x_in, const at::Tensor& a_in,
+                     const at::Tensor& b_in, const at::Tensor& indices,
+                     const at::Tensor& scales_in, const std::optional<at::Tensor>& ranks_in) {
+  check_multi_lora_add_args(y, x_in, a_in, b_in, indices, scales_in, ranks_in);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const int64_t T = x_in.size(0), N = a_in.size(0), R = a_in.size(1), out = b_in.size(1);
+  check_sizes(T, N, R, out, "multi_lora_add_");
+  // Raises on a bad index or rank before y is touched.
+  const Prepared p = prepare_indices(indices, ranks_in, N, R, "multi_lora_add_");
+  if (T == 0 || out == 0) return;
+  const at::Tensor x = x_in.contiguous(), a = a_in.contiguous(), b = b_in.contiguous();
+  const at::Tensor scales = scales_in.to(acc_dtype(x.scalar_type())).contiguous();
+  const int64_t ldy = T > 1 ? y.stride(0) : out;
+  LORA_EXT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "multi_lora_add_", [&] {
+    using Acc = acc_t<scalar_t>;
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    if (T <= kDecodeMaxRows) {
+      decode_forward<scalar_t>(x, a, b, p, scales.const_data_ptr<Acc>(), yp, yp, ldy);
+    } else {
+      prefill_add<scalar_t>(x, a, b, p, scales.const_data_ptr<Acc>(), yp, ldy);
+    }
+  });
 }
 
 GradTuple3 multi_lora_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
@@ -426,6 +462,7 @@ GradTuple3 multi_lora_backward(const at::Tensor& grad_in, const at::Tensor& x_in
 
 TORCH_LIBRARY_IMPL(lora_ext, CUDA, m) {
   m.impl("multi_lora", &multi_lora);
+  m.impl("multi_lora_add_", &multi_lora_add_);
   m.impl("multi_lora_backward", &multi_lora_backward);
 }
 
