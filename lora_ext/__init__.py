@@ -2,7 +2,10 @@
 
 import torch  # noqa: F401  (loads libtorch before _C, which has no RPATH to it)
 
-from . import _C  # noqa: F401  (registers torch.ops.lora_ext.*)
+from ._torch_check import check_installed_torch as _check_installed_torch
+
+_check_installed_torch()  # before _C: a _C built for another torch must not load
+from . import _C  # noqa: E402, F401  (registers torch.ops.lora_ext.*)
 from .ops import lora_linear, merge_, multi_lora, unmerge_
 from .layers import LoRALinear
 from .model import (

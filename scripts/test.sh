@@ -3,7 +3,7 @@
 # its smoke tests run too), then run the whole test suite, slow tests included.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
 bash scripts/setup.sh
-PYTHON="$PY" bash scripts/build_bench.sh
+source scripts/env.sh
+bash scripts/build_bench.sh
 "$PY" -m pytest -q -ra tests "$@"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -192,9 +191,79 @@ def test_train_eval_and_demo_run_on_a_tiny_model(tiny_model_dir, tmp_path, capsy
     assert "PEFT, same batch" in text
 
 
+def _one_line_error(capsys, argv: list[str], *expected: str) -> str:
+    """Run ``lora-ext argv``: exit status 2, the error in one line, last; no traceback.
+
+    (Progress bars of a model load that happened first may precede it.)
+    """
+    try:
+        rc = cli.main(argv)
+    except SystemExit as e:  # argparse's own exit
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = err.splitlines()
+    assert [line for line in lines if "error:" in line] == lines[-1:] and err.endswith("\n"), err
+    assert "Traceback" not in err
+    for text in expected:
+        assert text in err, err
+    return err
+
+
 def test_demo_without_adapters_says_how_to_train(tmp_path, capsys):
-    assert cli.main(["demo", "--adapters", str(tmp_path)]) == 2
-    assert "lora-ext train --task" in capsys.readouterr().err
+    _one_line_error(capsys, ["demo", "--adapters", str(tmp_path)], "lora-ext train --task")
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["train", "--task", "nope", "--out", "x"], ["invalid choice: 'nope'", "--help"]),
+        (["train", "--task", "upper", "--out", "x", "--steps", "0"], ["--steps", "positive integer"]),
+        (["eval", "--task", "upper", "-n", "many"], ["-n", "many"]),
+        (["demo", "--threads", "-2"], ["--threads"]),
+        (["frobnicate"], ["invalid choice: 'frobnicate'"]),
+        ([], ["required"]),
+    ],
+    ids=["unknown-task", "zero-steps", "non-integer", "negative-threads", "unknown-command", "no-command"],
+)
+def test_bad_command_lines_are_one_line_errors(capsys, argv, expected):
+    _one_line_error(capsys, argv, *expected)
+
+
+def test_missing_model_folder_is_a_one_line_error(tmp_path, capsys):
+    _one_line_error(capsys, ["eval", "--task", "upper", "--model", str(tmp_path / "none")],
+                    "--model", "no such folder")
+    _one_line_error(capsys, ["eval", "--task", "upper", "--model", str(tmp_path)], "config.json")
+
+
+def test_unloadable_model_folder_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    _one_line_error(capsys, ["eval", "--task", "upper", "--model", str(tmp_path)],
+                    f"--model {tmp_path}: cannot load it")
+
+
+def test_missing_or_corrupt_adapter_is_a_one_line_error(tiny_model_dir, tmp_path, capsys):
+    model_args = ["--model", str(tiny_model_dir), "--threads", "1"]
+    _one_line_error(capsys, ["eval", "--task", "upper", "-n", "1", "--adapter", str(tmp_path / "none"),
+                             *model_args], "adapter folder not found")
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    _one_line_error(capsys, ["eval", "--task", "upper", "-n", "1", "--adapter", str(tmp_path), *model_args],
+                    f"cannot load the adapter in {tmp_path}")
+
+
+def test_out_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    _one_line_error(capsys, ["train", "--task", "upper", "--out", str(tmp_path / "file")], "not a folder")
+
+
+def test_the_installed_command_prints_no_traceback(tmp_path):
+    """The console script, as a user runs it."""
+    script = os.path.join(os.path.dirname(sys.executable), "lora-ext")
+    command = [script] if os.path.exists(script) else [sys.executable, "-m", "lora_ext.cli"]
+    proc = subprocess.run(command + ["eval", "--task", "upper", "--adapter", str(tmp_path / "none")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"lora-ext eval: error: adapter folder not found: {tmp_path / 'none'}"]
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
@@ -217,8 +286,9 @@ def test_shipped_adapters_are_small_bf16_peft_files(name):
 def test_demo_on_the_real_model_passes_every_check(tmp_path):
     """``lora-ext demo`` as a user runs it: from an unrelated directory."""
     pytest.importorskip("gguf")
-    if shutil.which("lora-ext"):
-        command = ["lora-ext", "demo", "--repeats", "1"]
+    script = os.path.join(os.path.dirname(sys.executable), "lora-ext")  # the console script
+    if os.path.exists(script):
+        command = [script, "demo", "--repeats", "1"]
     else:
         command = [sys.executable, "-m", "lora_ext.cli", "demo", "--repeats", "1"]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
