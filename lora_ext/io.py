@@ -6,13 +6,14 @@ import json
 import os
 import re
 from collections import Counter
-from typing import Optional
+from collections.abc import Mapping
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
 from .layers import AdapterSpec, LoRALinear
-from .model import _attach, _context, _lora_layers, _resolve_targets, list_adapters
+from .model import _attach, _context, _lora_layers, _replace, _resolve_targets, list_adapters
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -90,7 +91,10 @@ def save_adapter(
     for n, m in layers:
         for key, params in (("lora_A", m.lora_A), ("lora_B", m.lora_B)):
             t = params[adapter_name].detach()
-            tensors[f"{_PREFIX}{n}.{key}.weight"] = t.to(dtype or t.dtype).cpu().contiguous()
+            # a copy of its own: the parameter is a view into the layer's slot stack
+            tensors[f"{_PREFIX}{n}.{key}.weight"] = t.to(dtype or t.dtype).cpu().clone(
+                memory_format=torch.contiguous_format
+            )
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
@@ -106,10 +110,21 @@ def _read_config(path: str) -> dict:
             config = json.load(f)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read {file}: {e}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{file}: expected a JSON object")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{file}: peft_type {config.get('peft_type')!r} is not supported (only LORA)")
+    return _check_config(config, file)
+
+
+def _check_config(config: Any, where: str) -> dict:
+    """``config`` as a dict (from JSON, a dict or a ``peft.LoraConfig``), checked."""
+    if hasattr(config, "to_dict") and not isinstance(config, Mapping):
+        config = config.to_dict()
+    if not isinstance(config, Mapping):
+        raise ValueError(f"{where}: expected a JSON object / dict, got {type(config).__name__}")
+    config = dict(config)
+    file = where
+    peft_type = config.get("peft_type", "LORA")
+    peft_type = getattr(peft_type, "value", peft_type)  # peft's PeftType enum
+    if peft_type != "LORA":
+        raise ValueError(f"{file}: peft_type {peft_type!r} is not supported (only LORA)")
     for key, what in _UNSUPPORTED.items():
         if config.get(key):
             raise ValueError(f"{file}: {what} are not supported ({key}={config[key]!r})")
@@ -145,64 +160,126 @@ def _split_key(key: str, file: str) -> tuple[str, str]:
     raise ValueError(f"{file}: unexpected key {key!r} (expected <module>.lora_A.weight / lora_B.weight)")
 
 
-def load_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> nn.Module:
-    """Load a PEFT-format LoRA adapter from the folder ``path`` as ``adapter_name``.
+def load_adapter(
+    model: nn.Module,
+    source: Union[str, os.PathLike, Mapping[str, torch.Tensor]],
+    adapter_name: str = "default",
+    config: Optional[Any] = None,
+    replace: bool = False,
+) -> nn.Module:
+    """Load a PEFT-format LoRA adapter as ``adapter_name``, from a folder or from memory.
 
-    Wraps the named ``nn.Linear`` modules where they have no LoRA layer yet, honours
-    ``rank_pattern``/``alpha_pattern``, and keeps the adapter frozen. Everything is
-    checked before the model is touched: a missing or unreadable file, a feature
-    lora_ext cannot honour (DoRA, biases, other layer types) or a shape that does not
-    fit raises and changes nothing. The first adapter loaded becomes the active one.
-    Returns ``model``.
+    ``source``: a folder with ``adapter_config.json`` + ``adapter_model.safetensors``, or
+    a state dict in PEFT's key layout (``base_model.model.<module>.lora_A.weight``
+    ``[r, in]`` / ``.lora_B.weight`` ``[out, r]``, what ``peft.get_peft_model_state_dict``
+    returns) with its ``config`` (the ``adapter_config.json`` content as a dict, or a
+    ``peft.LoraConfig``). Wraps the named ``nn.Linear`` modules where they have no LoRA
+    layer yet, honours ``rank_pattern``/``alpha_pattern``, and keeps the adapter
+    frozen. The first adapter loaded becomes the active one.
+
+    ``replace=True``: swap the weights of the loaded adapter ``adapter_name`` for the
+    new ones, atomically (a forward running in another thread sees the old or the new
+    adapter, never a mix), keeping its Parameter objects and every shape: the new
+    weights must cover the same layers with the same ranks (alpha may change). In a
+    compiled model this triggers no recompilation.
+
+    Everything is checked before the model is touched: a missing or unreadable file, a
+    feature lora_ext cannot honour (DoRA, biases, other layer types), missing or extra
+    keys, a shape that does not fit, a rank above the capacity set with
+    :func:`~lora_ext.reserve_adapters` raises and changes nothing. Returns ``model``.
     """
-    config = _read_config(path)
-    tensors = _read_weights(path)
-    file = os.path.join(path, WEIGHTS_NAME)
-    if adapter_name in list_adapters(model):
-        raise ValueError(f"adapter {adapter_name!r} is already loaded; delete_adapter it first")
+    if isinstance(source, Mapping):
+        where = "state dict"
+        if config is None:
+            raise ValueError(
+                "load_adapter from a state dict needs its config: the adapter_config.json "
+                "content as a dict, or a peft.LoraConfig"
+            )
+        config = _check_config(config, "config")
+        tensors = dict(source)
+    else:
+        if config is not None:
+            raise ValueError("config is only for state dicts; a folder carries adapter_config.json")
+        path = os.fspath(source)
+        config = _read_config(path)
+        tensors = _read_weights(path)
+        where = os.path.join(path, WEIGHTS_NAME)
+    if not replace and adapter_name in list_adapters(model):
+        raise ValueError(
+            f"adapter {adapter_name!r} is already loaded; delete_adapter it first, or pass "
+            "replace=True to swap its weights"
+        )
+    plan, weights = _plan(model, config, tensors, where)
+    if replace:
+        _replace(model, adapter_name, plan, weights)
+        return model
+    _attach(model, plan, adapter_name, weights=weights)
+    ctx = _context(model)
+    if ctx.selection is None:
+        ctx.select(adapter_name)
+    return model
+
+
+def _plan(model: nn.Module, config: dict, tensors: Mapping, where: str):
+    """Check ``tensors`` against ``config`` and ``model``: (path -> spec, path -> (A, B))."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        module_path, which = _split_key(key, file)
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{where}: {key!r} is a {type(tensor).__name__}, expected a tensor")
+        module_path, which = _split_key(key, where)
         pairs.setdefault(module_path, {})[which] = tensor
     if not pairs:
-        raise ValueError(f"{file} holds no LoRA weights")
+        raise ValueError(f"{where} holds no LoRA weights")
     r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     plan: dict[str, AdapterSpec] = {}
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for module_path, pair in pairs.items():
         if set(pair) != {"lora_A", "lora_B"}:
             missing = ({"lora_A", "lora_B"} - set(pair)).pop()
-            raise ValueError(f"{file}: {module_path} has no {missing}.weight")
+            raise ValueError(f"{where}: {module_path} has no {missing}.weight")
         try:
             module = model.get_submodule(module_path)
         except AttributeError:
-            raise ValueError(f"{file}: the model has no module {module_path!r}") from None
+            raise ValueError(f"{where}: the model has no module {module_path!r}") from None
         if not isinstance(module, (nn.Linear, LoRALinear)):
             raise ValueError(
-                f"{file}: {module_path} is a {type(module).__name__}; only nn.Linear layers are supported"
+                f"{where}: {module_path} is a {type(module).__name__}; only nn.Linear layers are supported"
             )
         a, b = pair["lora_A"], pair["lora_B"]
         r = _pattern_value(rank_pattern, module_path, r_default)
         expected_a, expected_b = (r, module.in_features), (module.out_features, r)
         if tuple(a.shape) != expected_a or tuple(b.shape) != expected_b:
             raise ValueError(
-                f"{file}: {module_path} expects lora_A {list(expected_a)} and lora_B "
+                f"{where}: {module_path} expects lora_A {list(expected_a)} and lora_B "
                 f"{list(expected_b)}, got {list(a.shape)} and {list(b.shape)}"
             )
         if not (a.is_floating_point() and b.is_floating_point()):
-            raise ValueError(f"{file}: {module_path} weights must be floating point, got {a.dtype}")
+            raise ValueError(f"{where}: {module_path} weights must be floating point, got {a.dtype}")
         alpha = _pattern_value(alpha_pattern, module_path, alpha_default)
         plan[module_path] = AdapterSpec(
             int(r), float(alpha), float(config.get("lora_dropout", 0.0) or 0.0), bool(config.get("use_rslora", False))
         )
-    layers = _attach(model, plan, adapter_name)
-    with torch.no_grad():
-        for module_path, layer in zip(plan, layers):
-            layer.lora_A[adapter_name].copy_(pairs[module_path]["lora_A"])
-            layer.lora_B[adapter_name].copy_(pairs[module_path]["lora_B"])
-            layer.lora_A[adapter_name].requires_grad_(False)
-            layer.lora_B[adapter_name].requires_grad_(False)
-    ctx = _context(model)
-    if ctx.selection is None:
-        ctx.select(adapter_name)
-    return model
+        weights[module_path] = (a, b)
+    _check_targets(model, config, set(plan), where)
+    return plan, weights
+
+
+def _check_targets(model: nn.Module, config: dict, paths: set[str], where: str) -> None:
+    """The weights must cover exactly the modules ``target_modules`` selects."""
+    targets = config.get("target_modules")
+    if not targets or any(config.get(k) for k in ("layers_to_transform", "layers_pattern", "exclude_modules")):
+        return  # selections lora_ext does not reproduce: trust the keys
+    if not isinstance(targets, str):
+        targets = sorted(targets)
+    try:
+        expected = set(_resolve_targets(model, targets))
+    except (ValueError, TypeError):
+        return  # reported by the per-key checks, or a target outside lora_ext's scope
+    missing, extra = sorted(expected - paths), sorted(paths - expected)
+    if missing or extra:
+        raise ValueError(
+            f"{where}: the weights do not match target_modules {targets!r}: missing "
+            f"{missing[:4]}{' ...' if len(missing) > 4 else ''} ({len(missing)}), extra "
+            f"{extra[:4]}{' ...' if len(extra) > 4 else ''} ({len(extra)})"
+        )

@@ -1,18 +1,20 @@
-"""LoRA modules: :class:`LoRALinear` and the adapter selection it shares with its model.
+"""LoRA modules: :class:`LoRALinear` and the adapter storage it shares with its model.
 
-Every adapter's ``A [r, in]`` and ``B [out, r]`` are ``nn.Parameter`` s (the source of
-truth: optimizers and state dicts see them). For mixed-adapter batches each layer also
-keeps them stacked, ``a_stack [N, R, in]`` / ``b_stack [N, out, R]`` (zero padded to the
-largest rank R) with ``scales [N]`` and ``ranks [N]``, so that one ``multi_lora`` call
-serves the whole batch; ``ranks`` makes the padding cost no work. The stacks are a cache,
-rebuilt only when an adapter is added or removed or a parameter changes (in-place
-updates bump a tensor's version counter), never per forward in inference. When
-gradients are needed the stacks are rebuilt differentiably each forward instead, so
-gradients of a mixed batch reach each adapter's parameters.
+Each layer keeps its adapters in *slot stacks*, ``a_stack [C, R, in]`` and
+``b_stack [C, out, R]`` (zero padded to the layer's rank capacity R) with ``scales
+[C]`` and ``ranks [C]``; adapter ``name`` lives in the slot its model's
+:class:`~lora_ext.context._AdapterContext` gave it, the same slot in every layer.
+Its ``lora_A[name]`` / ``lora_B[name]`` parameters are *views* into that slot
+(``a_stack[slot, :r]``, ``b_stack[slot, :, :r]``): one copy of every adapter, seen by
+optimizers and state dicts as ordinary parameters, read by ``multi_lora`` directly.
+A mixed batch is one ``multi_lora`` call whose work depends on the adapters its rows
+use, not on how many are loaded; when gradients are needed the used adapters are
+stacked from their parameters instead, so gradients reach them.
 
-Which adapter a row uses lives on one :class:`_AdapterContext` shared by all LoRA layers
-of a model; it turns the selection into the row-to-adapter index tensor once per input
-shape and hands the same tensor to every layer.
+Keep the parameters as views: change adapter weights in place, through
+:func:`lora_ext.load_adapter` (``replace=True``) or ``load_state_dict``, not by
+assigning ``param.data``. ``Module.to``/``half``/``cuda``, ``copy.deepcopy`` and
+pickling rebuild the stacks from the parameters.
 """
 
 from __future__ import annotations
@@ -20,19 +22,16 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
-
-AdapterNames = Union[Optional[str], Sequence[Optional[str]]]
+from .context import AdapterNames, _AdapterContext, expand_rows  # noqa: F401  (AdapterNames re-exported)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
-# Distinct (input shape, layer layout) index tensors kept per selection.
-_MAX_CACHED_INDICES = 64
 # Elements of the temporary row block used to check a merge for finiteness.
 _SAFE_BLOCK_ELEMENTS = 1 << 22
 
@@ -68,95 +67,6 @@ class AdapterSpec:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
 
-class _Selection:
-    """The adapter of each batch row, as global slots (-1 = base model)."""
-
-    def __init__(self, names: AdapterNames, known: Sequence[str]):
-        if names is None or isinstance(names, str):
-            rows = [names]
-            self.per_row = False
-        else:
-            rows = list(names)
-            if not rows:
-                raise ValueError("set_adapter: the list of per-row adapters is empty")
-            self.per_row = True
-        slots = []
-        for name in rows:
-            if name is None:
-                slots.append(-1)
-            elif name in known:
-                slots.append(known.index(name))
-            else:
-                raise ValueError(f"unknown adapter {name!r}; loaded adapters: {list(known)}")
-        self.names = rows
-        self.slots = slots
-        # One adapter (or none) for every row: served without an index tensor.
-        self.uniform: Optional[str] = rows[0] if len(set(rows)) == 1 else None
-        self.is_uniform = len(set(rows)) == 1
-
-
-class _AdapterContext:
-    """State shared by all LoRA layers of one model: adapter slots and the selection."""
-
-    def __init__(self) -> None:
-        self.names: list[str] = []  # global slot order
-        self.generation = 0  # bumped when the slots change
-        self.selection: Optional[_Selection] = None  # None: base model
-        self._indices: dict = {}
-
-    def add(self, name: str) -> None:
-        if name not in self.names:
-            self.names.append(name)  # existing slots keep their numbers
-            self.generation += 1
-            self._indices.clear()
-
-    def remove(self, name: str) -> None:
-        """Forget adapter ``name``; rows that used it fall back to the base model."""
-        if name not in self.names:
-            return
-        old = self.selection
-        self.names.remove(name)
-        self.generation += 1
-        self.selection = None
-        self._indices.clear()
-        if old is not None:
-            names = [None if n == name else n for n in old.names]
-            self.select(names if old.per_row else names[0])
-
-    def select(self, names: AdapterNames) -> None:
-        self.selection = None if names is None else _Selection(names, self.names)
-        self._indices.clear()
-
-    def row_indices(self, x: Tensor, lut: Optional[tuple[int, ...]]) -> Tensor:
-        """int32 ``[tokens]`` local adapter index of every token row of ``x`` (-1: none).
-
-        ``x`` is ``[batch, ..., in]``: every token of batch row b uses row b's adapter. A
-        batch that is k times the selection (generate's ``num_beams``,
-        ``num_return_sequences``) repeats each entry k times, as ``repeat_interleave`` does.
-        ``lut`` maps global slots to the layer's own slots (None: identity).
-        """
-        batch = x.shape[0] if x.dim() > 1 else 1
-        tokens = math.prod(x.shape[1:-1]) if x.dim() > 2 else 1
-        key = (x.device, batch, tokens, lut)
-        index = self._indices.get(key)
-        if index is None:
-            slots = self.selection.slots
-            if batch % len(slots) != 0:
-                raise ValueError(
-                    f"the batch has {batch} rows but set_adapter was given {len(slots)} "
-                    "per-row adapters (expected the same number, or a multiple for "
-                    "num_beams / num_return_sequences)"
-                )
-            repeat = batch // len(slots)
-            local = [s if lut is None or s < 0 else lut[s] for s in slots]
-            index = torch.tensor(local, dtype=torch.int32).repeat_interleave(repeat * tokens)
-            index = index.to(x.device)
-            if len(self._indices) >= _MAX_CACHED_INDICES:
-                self._indices.clear()
-            self._indices[key] = index
-        return index
-
-
 class LoRALinear(nn.Module):
     """An ``nn.Linear`` with any number of named LoRA adapters.
 
@@ -165,7 +75,7 @@ class LoRALinear(nn.Module):
     ``scale * B @ A @ x`` with PEFT's ``scale = alpha / r`` (``alpha / sqrt(r)`` with
     rsLoRA). Which adapter each batch row uses is chosen model-wide with
     :func:`lora_ext.set_adapter`; a batch on one adapter runs ``lora_linear``, a mixed
-    batch one ``multi_lora``.
+    batch one ``multi_lora`` over the slot stacks.
     """
 
     def __init__(self, base_layer: nn.Linear, context: Optional[_AdapterContext] = None):
@@ -180,12 +90,15 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.specs: dict[str, AdapterSpec] = {}
+        # Slot storage (allocated with the first adapter); not in the state dict, whose
+        # lora_A/lora_B entries are the per-adapter views.
+        for key in ("_a_stack", "_b_stack", "_scales", "_ranks", "_dropout"):
+            self.register_buffer(key, None, persistent=False)
+        self._slot_name: list[Optional[str]] = []  # per slot: adapter name or None (empty)
+        self._slot_spec: list[Optional[AdapterSpec]] = []
+        self._num_dropout = 0  # adapters with dropout > 0
         self._context = context if context is not None else _AdapterContext()
-        self._layout_version = 0
-        self._lut_key: tuple = ()
-        self._lut: Optional[tuple[int, ...]] = None
-        self._stack_key: tuple = ()
-        self._stack: Optional[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]] = None
+        self._context.register(self)
         self._merged: Optional[dict] = None
 
     # -- plain nn.Linear face (code that reads q_proj.weight keeps working) ----------
@@ -204,6 +117,17 @@ class LoRALinear(nn.Module):
     @property
     def merged_adapter(self) -> Optional[str]:
         return self._merged["name"] if self._merged is not None else None
+
+    @property
+    def rank_capacity(self) -> int:
+        """R: the largest rank the stacks hold without re-allocating (0: no storage yet)."""
+        return 0 if self._a_stack is None else self._a_stack.shape[1]
+
+    def slot(self, name: str) -> int:
+        """The slot of adapter ``name`` in the stacks."""
+        if name not in self.specs:
+            raise ValueError(f"adapter {name!r} is not in this layer")
+        return self._context.slot_of[name]
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}(r={s.r})" for n, s in self.specs.items())
@@ -227,6 +151,7 @@ class LoRALinear(nn.Module):
             raise ValueError(f"init must be 'default' or 'gaussian', got {init!r}")
         spec = AdapterSpec(int(r), float(alpha), float(dropout), bool(use_rslora))
         spec.validate()
+        self.check_rank(spec.r)
         w = self.base_layer.weight
         a = torch.empty(spec.r, self.in_features, device=w.device, dtype=w.dtype)
         if init == "gaussian":
@@ -234,113 +159,243 @@ class LoRALinear(nn.Module):
         else:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         b = torch.zeros(self.out_features, spec.r, device=w.device, dtype=w.dtype)
-        self.lora_A[name] = nn.Parameter(a)
-        self.lora_B[name] = nn.Parameter(b)
-        self.specs[name] = spec
-        self._layout_changed()
-        self._context.add(name)
+        self._install(name, spec, a, b, requires_grad=True)
+
+    def _install(self, name: str, spec: AdapterSpec, a: Tensor, b: Tensor, requires_grad: bool) -> None:
+        """Store a new adapter (the caller has checked name, spec and shapes)."""
+        ctx = self._context
+        with ctx._mutex:
+            slot = ctx.slot_of.get(name)  # another layer may hold it already
+            new = slot is None
+            if new:
+                slot = ctx.take_slot()
+            self._write_slot(slot, name, spec, a, b)
+            self._point(name, slot, requires_grad)
+            if new:
+                ctx.slot_of[name] = slot
 
     def delete_adapter(self, name: str) -> None:
+        """Remove ``name`` from this layer (from the model's slots too if no layer keeps it)."""
         if name not in self.specs:
             raise ValueError(f"adapter {name!r} is not in this layer")
         if self.merged_adapter == name:
             raise ValueError(f"adapter {name!r} is merged; unmerge it before deleting it")
+        ctx = self._context
+        with ctx._mutex:
+            self._detach(name)
+            if any(name in layer.specs for layer in ctx.layers):
+                self._clear_slot(ctx.slot_of[name])
+            else:
+                ctx.retire(name)
+
+    def check_rank(self, r: int) -> None:
+        """Raise if rank ``r`` exceeds the rank capacity the user fixed."""
+        limit = self._context.max_rank
+        if limit is not None and r > limit:
+            raise ValueError(
+                f"rank {r} exceeds the rank capacity {limit} set with reserve_adapters; "
+                "reserve a larger max_rank first"
+            )
+
+    # -- slot storage (callers hold the context's mutex) ---------------------------------
+    def _fit_storage(self, min_rank: int = 0) -> None:
+        """Make the stacks hold the context's capacity and rank ``min_rank``."""
+        ctx = self._context
+        rank = max(min_rank, ctx.max_rank or 0, self.rank_capacity)
+        if self._a_stack is not None and self._a_stack.shape[:2] == (ctx.capacity, rank):
+            return
+        if self._a_stack is None and min_rank == 0:
+            return  # allocated with the first adapter
+        self._rebuild(ctx.capacity, rank)
+
+    def _rebuild(self, capacity: int, rank: int) -> None:
+        """Allocate stacks of ``[capacity, rank]`` and move every adapter in from its parameters.
+
+        New tensors rather than a resize, so a forward still reading the old stacks in
+        another thread keeps them alive.
+        """
+        w = self.base_layer.weight
+        kw = dict(device=w.device, dtype=w.dtype)
+        a_stack = torch.zeros(capacity, rank, self.in_features, **kw)
+        b_stack = torch.zeros(capacity, self.out_features, rank, **kw)
+        scales = torch.zeros(capacity, dtype=torch.float32, device=w.device)
+        ranks = torch.ones(capacity, dtype=torch.int64, device=w.device)  # empty slots: rank 1, scale 0
+        dropout = torch.zeros(capacity, dtype=torch.float32, device=w.device)
+        slot_of = self._context.slot_of
+        self._slot_name = [None] * capacity
+        self._slot_spec = [None] * capacity
+        for name, spec in self.specs.items():
+            self._slot_name[slot_of[name]], self._slot_spec[slot_of[name]] = name, spec
+        with torch.no_grad():
+            for name, spec in self.specs.items():
+                slot, r = slot_of[name], spec.r
+                a_stack[slot, :r].copy_(self.lora_A[name])
+                b_stack[slot, :, :r].copy_(self.lora_B[name])
+                scales[slot], ranks[slot], dropout[slot] = spec.scale, r, spec.dropout
+        self._a_stack, self._b_stack = a_stack, b_stack
+        self._scales, self._ranks, self._dropout = scales, ranks, dropout
+        for name in self.specs:
+            self._point(name, slot_of[name])
+
+    def _write_slot(self, slot: int, name: str, spec: AdapterSpec, a: Tensor, b: Tensor) -> None:
+        """Store an adapter's weights in ``slot`` (an empty slot: no forward reads it)."""
+        self._fit_storage(spec.r)
+        r = spec.r
+        with torch.no_grad():
+            self._a_stack[slot, :r].copy_(a)
+            self._b_stack[slot, :, :r].copy_(b)
+            self._scales[slot] = spec.scale
+            self._ranks[slot] = r
+            self._dropout[slot] = spec.dropout
+        self._slot_name[slot] = name
+        self._slot_spec[slot] = spec
+
+    def _point(self, name: str, slot: int, requires_grad: bool = False) -> None:
+        """Make ``name``'s parameters views of ``slot`` (same Parameter objects if they exist)."""
+        spec = self._slot_spec[slot]
+        old = self.specs.get(name)
+        a_view = self._a_stack[slot, : spec.r]
+        b_view = self._b_stack[slot, :, : spec.r]
+        if name in self.lora_A:
+            self.lora_A[name].data = a_view
+            self.lora_B[name].data = b_view
+        else:
+            self.lora_A[name] = nn.Parameter(a_view, requires_grad=requires_grad)
+            self.lora_B[name] = nn.Parameter(b_view, requires_grad=requires_grad)
+        self._num_dropout += (spec.dropout > 0) - (old is not None and old.dropout > 0)
+        self.specs[name] = spec
+
+    def _detach(self, name: str) -> None:
+        """Forget ``name``'s parameters; its slot's data stays until it is cleared."""
+        self._num_dropout -= self.specs[name].dropout > 0
         del self.lora_A[name]
         del self.lora_B[name]
         del self.specs[name]
-        self._layout_changed()
 
-    def _layout_changed(self) -> None:
-        self._layout_version += 1
-        self._stack = None
-        self._stack_key = ()
+    def _clear_slot(self, slot: int) -> None:
+        """Zero ``slot`` so that rows pointing at it get the base output."""
+        if self._a_stack is None or self._slot_spec[slot] is None:
+            return
+        with torch.no_grad():
+            self._a_stack[slot].zero_()
+            self._b_stack[slot].zero_()
+            self._scales[slot] = 0.0
+            self._ranks[slot] = 1
+            self._dropout[slot] = 0.0
+        self._slot_name[slot] = None
+        self._slot_spec[slot] = None
 
-    def _local_lut(self) -> Optional[tuple[int, ...]]:
-        """Global slot -> this layer's slot (-1 where absent); None when identical."""
-        key = (self._context.generation, self._layout_version)
-        if key != self._lut_key:
-            local = list(self.specs)
-            lut = tuple(local.index(n) if n in self.specs else -1 for n in self._context.names)
-            self._lut = None if lut == tuple(range(len(lut))) and len(lut) == len(local) else lut
-            self._lut_key = key
-        return self._lut
+    def _resync(self) -> None:
+        """Rebuild the stacks from the parameters (after ``to()``, deepcopy, unpickling)."""
+        if self._a_stack is not None:
+            with self._context._mutex:
+                self._rebuild(self._context.capacity, self.rank_capacity)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._resync()  # fn converted the parameters one by one: views no longer shared
+        return self
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self._context.register(self)
+        self._resync()
 
     # -- stacks ----------------------------------------------------------------------
-    def stacks(self, dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(a_stack [N, R, in], b_stack [N, out, R], scales [N] fp32, ranks [N] int32)``.
+    def stacks(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(a_stack [C, R, in], b_stack [C, out, R], scales [C] fp32, ranks [C] int64)``.
 
-        In this layer's adapter order (:attr:`adapter_names`), zero padded to the largest
-        rank R. Cached; differentiable (rebuilt per call) when grad mode is on and an
-        adapter parameter requires grad.
+        Indexed by slot (:meth:`slot`); empty slots are zero with scale 0 and rank 1.
+        These tensors *are* the adapters' storage: writing to them changes the adapters.
         """
-        if not self.specs:
+        if self._a_stack is None:
             raise ValueError("this layer has no adapters")
-        dtype = dtype or self.base_layer.weight.dtype
-        return self._stacks(dtype)[:4]
+        return self._a_stack, self._b_stack, self._scales, self._ranks
 
     a_stack = property(lambda self: self.stacks()[0])
     b_stack = property(lambda self: self.stacks()[1])
     scales = property(lambda self: self.stacks()[2])
     ranks = property(lambda self: self.stacks()[3])
 
-    def _needs_grad(self) -> bool:
-        return torch.is_grad_enabled() and any(
-            p.requires_grad for d in (self.lora_A, self.lora_B) for p in d.values()
-        )
+    def _trains(self, names) -> bool:
+        """Whether gradients must reach the parameters of any of ``names`` in this layer."""
+        if not torch.is_grad_enabled():
+            return False
+        for n in names:
+            if n in self.specs and (self.lora_A[n].requires_grad or self.lora_B[n].requires_grad):
+                return True
+        return False
 
-    def _stacks(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """The four stacks plus the per-adapter dropout probabilities ``[N]`` fp32."""
-        if self._needs_grad():
-            return self._build_stacks(dtype)
-        key = (dtype, self._layout_version) + tuple(
-            (p._version, p.data_ptr()) for d in (self.lora_A, self.lora_B) for p in d.values()
+    def _stack_params(self, names: list[str], dtype: torch.dtype):
+        """Differentiable stacks of ``names`` (in that order) from their parameters."""
+        present = [n for n in names if n in self.specs]
+        rmax = max([self.specs[n].r for n in present], default=1)
+        w = self.base_layer.weight
+        zero_a = w.new_zeros(rmax, self.in_features, dtype=dtype)
+        zero_b = w.new_zeros(self.out_features, rmax, dtype=dtype)
+        a_rows, b_rows, scales, ranks, dropout = [], [], [], [], []
+        for n in names:
+            spec = self.specs.get(n)
+            if spec is None:  # absent from this layer: a zero adapter
+                a_rows.append(zero_a)
+                b_rows.append(zero_b)
+                scales.append(0.0), ranks.append(1), dropout.append(0.0)
+                continue
+            a_rows.append(F.pad(self.lora_A[n].to(dtype), (0, 0, 0, rmax - spec.r)))
+            b_rows.append(F.pad(self.lora_B[n].to(dtype), (0, rmax - spec.r)))
+            scales.append(spec.scale), ranks.append(spec.r), dropout.append(spec.dropout)
+        device = w.device
+        return (
+            torch.stack(a_rows),
+            torch.stack(b_rows),
+            torch.tensor(scales, dtype=torch.float32, device=device),
+            torch.tensor(ranks, dtype=torch.int64, device=device),
+            torch.tensor(dropout, dtype=torch.float32, device=device),
         )
-        if self._stack is None or key != self._stack_key:
-            with torch.no_grad():
-                self._stack = self._build_stacks(dtype)
-            self._stack_key = key
-        return self._stack
-
-    def _build_stacks(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        names = list(self.specs)
-        rmax = max(s.r for s in self.specs.values())
-        a_stack = torch.stack(
-            [F.pad(self.lora_A[n].to(dtype), (0, 0, 0, rmax - self.specs[n].r)) for n in names]
-        )
-        b_stack = torch.stack(
-            [F.pad(self.lora_B[n].to(dtype), (0, rmax - self.specs[n].r)) for n in names]
-        )
-        device = a_stack.device
-        specs = [self.specs[n] for n in names]
-        scales = torch.tensor([s.scale for s in specs], dtype=torch.float32, device=device)
-        ranks = torch.tensor([s.r for s in specs], dtype=torch.int32, device=device)
-        dropout = torch.tensor([s.dropout for s in specs], dtype=torch.float32, device=device)
-        return a_stack, b_stack, scales, ranks, dropout
 
     # -- forward -----------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         w, bias = self.base_layer.weight, self.base_layer.bias
-        selection = self._context.selection
-        if selection is None or not self.specs:
+        selection = self._context.active_selection()
+        if selection is None or self._a_stack is None:
             return F.linear(x, w, bias)
         if self._merged is not None:
-            if selection.is_uniform and selection.uniform in (None, self._merged["name"]):
+            if selection.is_uniform and selection.names[0] in (None, self._merged["name"]):
                 return F.linear(x, w, bias)
             raise RuntimeError(
                 f"adapter {self._merged['name']!r} is merged into the weights; call "
                 "unmerge_adapter before selecting other adapters or a mixed batch"
             )
+        if torch.compiler.is_compiling():
+            # Everything from tensors: new adapters, replacements and new selections of
+            # the same shape reuse the compiled graph.
+            batch = x.shape[0] if x.dim() > 1 else 1
+            tokens = math.prod(x.shape[1:-1]) if x.dim() > 2 else 1
+            index = expand_rows(selection.rows.to(x.device), batch, tokens)
+            return self._forward_rows(x, index, *self._slot_stacks(x.dtype))
         if selection.is_uniform:
-            name = selection.uniform
-            if name is None or name not in self.specs:
+            slot = selection.uniform_slot
+            if slot < 0 or self._slot_spec[slot] is None:
                 return F.linear(x, w, bias)
-            return self._forward_one(x, name)
-        return self._forward_mixed(x, self._context.row_indices(x, self._local_lut()))
+            return self._forward_one(x, slot)
+        if self._trains(selection.used_names):
+            stacks = self._stack_params(selection.used_names, x.dtype)
+            return self._forward_rows(x, selection.row_index(x, compact=True), *stacks)
+        return self._forward_rows(x, selection.row_index(x), *self._slot_stacks(x.dtype))
 
-    def _forward_one(self, x: Tensor, name: str) -> Tensor:
-        spec = self.specs[name]
-        a = self.lora_A[name].to(x.dtype)
-        b = self.lora_B[name].to(x.dtype)
+    def _slot_stacks(self, dtype: torch.dtype):
+        a, b = self._a_stack, self._b_stack
+        if a.dtype != dtype:  # e.g. autocast: converts the whole stack, a slow path
+            a, b = a.to(dtype), b.to(dtype)
+        return a, b, self._scales, self._ranks, self._dropout
+
+    def _forward_one(self, x: Tensor, slot: int) -> Tensor:
+        name, spec = self._slot_name[slot], self._slot_spec[slot]
+        if self._trains([name]):
+            a, b = self.lora_A[name], self.lora_B[name]
+        else:  # read by slot: a pinned forward keeps the weights it started with
+            a, b = self._a_stack[slot, : spec.r], self._b_stack[slot, :, : spec.r]
+        a, b = a.to(x.dtype), b.to(x.dtype)
         if not (self.training and spec.dropout > 0):
             return ops.lora_linear(x, self.base_layer.weight, self.base_layer.bias, a, b, spec.scale)
         # PEFT: base(x) + B A dropout(x) * scale. multi_lora carries the separate base.
@@ -353,12 +408,11 @@ class LoRALinear(nn.Module):
         )
         return out.reshape(*x.shape[:-1], self.out_features)
 
-    def _forward_mixed(self, x: Tensor, index: Tensor) -> Tensor:
-        a_stack, b_stack, scales, ranks, dropout = self._stacks(x.dtype)
+    def _forward_rows(self, x, index, a_stack, b_stack, scales, ranks, dropout) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
         base = F.linear(x2, self.base_layer.weight, self.base_layer.bias)
         x_lora = x2
-        if self.training and any(s.dropout > 0 for s in self.specs.values()):
+        if self.training and self._num_dropout > 0:
             # Each row dropped out with its own adapter's probability (PEFT's semantics).
             p = torch.where(index >= 0, dropout[index.clamp(min=0).long()], 0.0)[:, None]
             keep = torch.rand_like(p.expand(-1, self.in_features)) >= p
@@ -412,15 +466,15 @@ class LoRALinear(nn.Module):
             "name": name,
             "residual": residual,
             "overflow": (over_index, over_values),
-            "versions": self._param_versions(name),
+            "weights": (a.clone(), b.clone()),
         }
-
-    def _param_versions(self, name: str) -> tuple:
-        return tuple((p._version, p.data_ptr()) for p in (self.lora_A[name], self.lora_B[name]))
 
     def check_unmerge(self) -> None:
         """Raise if the merged adapter's parameters changed since the merge."""
-        if self._merged is not None and self._param_versions(self._merged["name"]) != self._merged["versions"]:
+        if self._merged is None:
+            return
+        a, b, _ = self._merge_args(self._merged["name"])
+        if not all(torch.equal(now, then) for now, then in zip((a, b), self._merged["weights"])):
             raise RuntimeError(
                 f"adapter {self._merged['name']!r} was modified while merged; it cannot be "
                 "unmerged exactly"

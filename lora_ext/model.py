@@ -1,11 +1,11 @@
-"""Whole-model LoRA: injection, adapter selection, deletion, exact merging."""
+"""Whole-model LoRA: injection, adapter selection, deletion, replacement, exact merging."""
 
 from __future__ import annotations
 
 import re
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
-from torch import nn
+from torch import Tensor, nn
 
 from .layers import AdapterNames, AdapterSpec, LoRALinear, _AdapterContext, _check_adapter_name
 
@@ -20,11 +20,27 @@ def _context(model: nn.Module) -> _AdapterContext:
     """The model's shared adapter context; one is created (and shared) when needed."""
     layers = [m for _, m in _lora_layers(model)]
     ctx = layers[0]._context if layers else _AdapterContext()
-    for layer in layers:  # layers built separately and composed: unify them
+    for layer in layers:  # layers built separately and composed: move them to one slot table
         if layer._context is not ctx:
-            layer._context = ctx
-            for name in layer.specs:
-                ctx.add(name)
+            _adopt(ctx, layer)
+    return ctx
+
+
+def _adopt(ctx: _AdapterContext, layer: LoRALinear) -> None:
+    with ctx._mutex:
+        for name in layer.specs:
+            if name not in ctx.slot_of:
+                ctx.slot_of[name] = ctx.take_slot()
+        layer._context = ctx
+        ctx.register(layer)
+        if layer._a_stack is not None:
+            layer._rebuild(ctx.capacity, max(layer.rank_capacity, ctx.max_rank or 0))
+
+
+def _model_context(model: nn.Module) -> _AdapterContext:
+    """:func:`_context`, with the per-forward selection pinning hooked onto ``model``."""
+    ctx = _context(model)
+    ctx.attach_pin_hooks(model)
     return ctx
 
 
@@ -82,9 +98,16 @@ def _resolve_targets(model: nn.Module, target_modules: TargetModules) -> list[st
     return paths
 
 
-def _attach(model: nn.Module, plan: dict[str, AdapterSpec], adapter_name: str, init: str = "default") -> list[LoRALinear]:
+def _attach(
+    model: nn.Module,
+    plan: dict[str, AdapterSpec],
+    adapter_name: str,
+    init: str = "default",
+    weights: Optional[dict[str, tuple[Tensor, Tensor]]] = None,
+) -> list[LoRALinear]:
     """Add ``adapter_name`` to each module of ``plan`` (wrapping plain ``nn.Linear`` s).
 
+    ``weights``: path -> (A, B) to store (frozen); None: ``init`` them (trainable).
     Checks everything first, so a failure changes nothing.
     """
     _check_adapter_name(adapter_name)
@@ -93,8 +116,14 @@ def _attach(model: nn.Module, plan: dict[str, AdapterSpec], adapter_name: str, i
     if adapter_name in list_adapters(model):
         raise ValueError(f"adapter {adapter_name!r} is already loaded; delete_adapter it first")
     modules = {}
+    ctx = _context(model)
     for path, spec in plan.items():
         spec.validate()
+        if ctx.max_rank is not None and spec.r > ctx.max_rank:
+            raise ValueError(
+                f"{path}: rank {spec.r} exceeds the rank capacity {ctx.max_rank} set with "
+                "reserve_adapters"
+            )
         try:
             module = model.get_submodule(path) if path else model
         except AttributeError:
@@ -104,16 +133,20 @@ def _attach(model: nn.Module, plan: dict[str, AdapterSpec], adapter_name: str, i
         if not path and not isinstance(module, LoRALinear):
             raise ValueError("the model itself is an nn.Linear; wrap it in LoRALinear directly")
         modules[path] = module
-    ctx = _context(model)
+    ctx.attach_pin_hooks(model)
     layers = []
-    for path, module in modules.items():
-        if not isinstance(module, LoRALinear):
-            module = LoRALinear(module, ctx)
-            parent, _, child = path.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, module)
-        spec = plan[path]
-        module.add_adapter(adapter_name, spec.r, spec.alpha, spec.dropout, spec.use_rslora, init)
-        layers.append(module)
+    with ctx._mutex:
+        for path, module in modules.items():
+            if not isinstance(module, LoRALinear):
+                module = LoRALinear(module, ctx)
+                parent, _, child = path.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, module)
+            spec = plan[path]
+            if weights is None:
+                module.add_adapter(adapter_name, spec.r, spec.alpha, spec.dropout, spec.use_rslora, init)
+            else:
+                module._install(adapter_name, spec, *weights[path], requires_grad=False)
+            layers.append(module)
     return layers
 
 
@@ -141,7 +174,7 @@ def inject_lora(
     for layer in layers:
         layer.lora_A[adapter_name].requires_grad_(True)
         layer.lora_B[adapter_name].requires_grad_(True)
-    _context(model).select(adapter_name)
+    _model_context(model).select(adapter_name)
     return model
 
 
@@ -151,9 +184,7 @@ class AdapterSelection:
     def __init__(self, ctx: _AdapterContext, names: AdapterNames):
         self._ctx = ctx
         previous = ctx.selection
-        self._previous = None if previous is None else (
-            previous.names if previous.per_row else previous.names[0]
-        )
+        self._previous = None if previous is None else previous.as_argument()
         ctx.select(names)
 
     def __enter__(self) -> "AdapterSelection":
@@ -174,7 +205,7 @@ def set_adapter(model: nn.Module, names: AdapterNames) -> AdapterSelection:
     """
     if not _lora_layers(model):
         raise ValueError("the model has no LoRA layers; inject_lora or load_adapter first")
-    return AdapterSelection(_context(model), names)
+    return AdapterSelection(_model_context(model), names)
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
@@ -187,9 +218,78 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         raise ValueError(f"no adapter {adapter_name!r}; loaded adapters: {list_adapters(model)}")
     if any(m.merged_adapter == adapter_name for m in layers):
         raise ValueError(f"adapter {adapter_name!r} is merged; unmerge_adapter first")
-    for layer in layers:
-        layer.delete_adapter(adapter_name)
-    _context(model).remove(adapter_name)
+    ctx = _context(model)
+    with ctx._mutex:
+        for layer in layers:
+            layer._detach(adapter_name)
+        ctx.retire(adapter_name)
+
+
+def reserve_adapters(model: nn.Module, max_adapters: int, max_rank: Optional[int] = None) -> None:
+    """Allocate room for ``max_adapters`` adapters of rank up to ``max_rank`` in every LoRA layer.
+
+    Loading more than fits still works (the stacks grow by 25%, which re-allocates
+    them and makes a compiled model recompile once); reserving up front avoids that
+    and the unused room growth leaves. ``max_rank`` also becomes a limit: loading an
+    adapter of a larger rank raises.
+    """
+    if not isinstance(max_adapters, int) or max_adapters < 1:
+        raise ValueError(f"max_adapters must be a positive integer, got {max_adapters!r}")
+    layers = _lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA layers; inject_lora or load_adapter first")
+    loaded = max((s.r for _, m in layers for s in m.specs.values()), default=0)
+    if max_rank is not None and (not isinstance(max_rank, int) or max_rank < max(loaded, 1)):
+        raise ValueError(
+            f"max_rank must be an integer >= the largest loaded rank ({loaded}), got {max_rank!r}"
+        )
+    ctx = _context(model)
+    with ctx._mutex:
+        ctx.reserve(max_adapters, max_rank)
+        for _, layer in layers:
+            if layer._a_stack is None and max_rank is not None:
+                layer._fit_storage(max_rank)
+
+
+def _replace(model: nn.Module, adapter_name: str, plan: dict[str, AdapterSpec],
+             weights: dict[str, tuple[Tensor, Tensor]]) -> None:
+    """Swap ``adapter_name``'s weights for ``weights`` in every layer, atomically.
+
+    The new weights go to a fresh slot; then one assignment switches the selection to
+    it, so a forward sees the old adapter or the new one, never a mix. The old slot is
+    freed once forwards that started before the switch are done. The parameters stay
+    the same objects (optimizers keep them), re-pointed to the new slot.
+    """
+    held = {n: m for n, m in _lora_layers(model) if adapter_name in m.specs}
+    if not held:
+        raise ValueError(
+            f"no adapter {adapter_name!r} to replace; loaded adapters: {list_adapters(model)}"
+        )
+    missing, extra = sorted(set(held) - set(plan)), sorted(set(plan) - set(held))
+    if missing or extra:
+        raise ValueError(
+            f"replacing {adapter_name!r}: the new weights must cover the same layers; "
+            f"missing {missing}, extra {extra}"
+        )
+    for path, layer in held.items():
+        if layer.merged_adapter == adapter_name:
+            raise ValueError(f"adapter {adapter_name!r} is merged; unmerge_adapter before replacing it")
+        if plan[path].r != layer.specs[adapter_name].r:
+            raise ValueError(
+                f"replacing {adapter_name!r}: {path} has rank {layer.specs[adapter_name].r}, the "
+                f"new weights rank {plan[path].r} (a replacement keeps every shape)"
+            )
+        plan[path].validate()
+    ctx = _context(model)
+    with ctx._mutex:
+        new = ctx.take_slot()
+        for path, layer in held.items():
+            layer._write_slot(new, adapter_name, plan[path], *weights[path])
+        old = ctx.slot_of[adapter_name]
+        ctx.slot_of[adapter_name] = new
+        for layer in held.values():
+            layer._point(adapter_name, new)
+        ctx.retire_slot(old, ctx.reselect())
 
 
 def _merge_targets(model: nn.Module, adapter_name: str, safe: bool) -> list[LoRALinear]:

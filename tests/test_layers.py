@@ -81,9 +81,10 @@ def test_mixed_batch_matches_per_row(device, dtype):
     for name, r, alpha in (("a", 2, 4), ("b", 8, 8), ("c", 5, 20)):
         _add(layer, name, r, alpha)
     a_stack, b_stack, scales, ranks = layer.stacks()
-    assert a_stack.shape == (3, 8, 24) and b_stack.shape == (3, 20, 8)
-    assert ranks.tolist() == [2, 8, 5] and scales.tolist() == pytest.approx([2.0, 1.0, 4.0])
-    assert torch.count_nonzero(a_stack[0, 2:]) == 0  # zero padded beyond each rank
+    slots = [layer.slot(n) for n in "abc"]
+    assert a_stack.shape[1:] == (8, 24) and b_stack.shape[1:] == (20, 8) and a_stack.shape[0] >= 3
+    assert ranks[slots].tolist() == [2, 8, 5] and scales[slots].tolist() == pytest.approx([2.0, 1.0, 4.0])
+    assert torch.count_nonzero(a_stack[slots[0], 2:]) == 0  # zero padded beyond each rank
     names = ["c", None, "a", "b", "a"]
     x = torch.randn(len(names), 4, 24).to(device, dtype)
     with torch.no_grad(), lora_ext.set_adapter(layer, names):
@@ -92,19 +93,35 @@ def test_mixed_batch_matches_per_row(device, dtype):
         assert_close_to_ref(y[i], _ref(layer, x[i], name), dtype, f"row {i} ({name})")
 
 
-def test_stacks_cached_in_inference_and_refreshed_on_change():
+def test_parameters_are_views_of_the_slot_stacks():
     layer = _add(_add(_layer(), "a", 4, 8), "b", 2, 2)
-    for p in layer.parameters():
-        p.requires_grad_(False)
-    first = layer.stacks()
-    assert layer.stacks()[0] is first[0]  # no re-stacking per call
+    a_stack, b_stack, scales, ranks = layer.stacks()
+    sa, sb = layer.slot("a"), layer.slot("b")
+    # one copy: the parameters live inside the stacks the kernels read
+    assert layer.lora_A["b"].data_ptr() == a_stack[sb].data_ptr()
+    assert layer.lora_B["b"].untyped_storage().data_ptr() == b_stack.untyped_storage().data_ptr()
     with torch.no_grad():
-        layer.lora_B["b"].mul_(2)  # in-place change: version counter moves
-    second = layer.stacks()
-    assert second[0] is not first[0]
-    torch.testing.assert_close(second[1][1, :, :2], layer.lora_B["b"])
-    layer.add_adapter("c", r=3)
-    assert layer.stacks()[0].shape == (3, 4, 24)
+        layer.lora_B["b"].mul_(2)  # an in-place update is what the next forward reads
+    torch.testing.assert_close(b_stack[sb, :, :2], layer.lora_B["b"])
+    assert torch.count_nonzero(b_stack[sb, :, 2:]) == 0
+    before = {n: (layer.lora_A[n].detach().clone(), layer.lora_B[n].detach().clone()) for n in "ab"}
+    params = (layer.lora_A["a"], layer.lora_B["a"])
+    layer.add_adapter("c", r=7)  # a larger rank re-allocates: same Parameter objects, re-pointed
+    a_stack = layer.stacks()[0]
+    assert a_stack.shape[1] == 7 and layer.lora_A["a"] is params[0] and layer.lora_B["a"] is params[1]
+    assert layer.lora_A["a"].data_ptr() == a_stack[sa].data_ptr()
+    for n, (a, b) in before.items():
+        assert torch.equal(layer.lora_A[n], a) and torch.equal(layer.lora_B[n], b)
+    # to(), deepcopy: the parameters are converted one by one, the stacks rebuilt from them
+    import copy
+    twin = copy.deepcopy(layer).double()
+    assert twin.stacks()[0].dtype == torch.float64
+    assert twin.lora_A["a"].data_ptr() == twin.stacks()[0][twin.slot("a")].data_ptr()
+    x = torch.randn(3, 24, dtype=torch.float64)
+    with torch.no_grad(), lora_ext.set_adapter(twin, ["a", "b", "c"]):
+        y = twin(x)
+    for i, n in enumerate("abc"):
+        torch.testing.assert_close(y[i], _ref(twin, x[i], n))
 
 
 @pytest.mark.parametrize("mixed", [False, True], ids=["one_adapter", "mixed_batch"])
@@ -169,10 +186,15 @@ def test_delete_adapter_frees_memory():
     with torch.no_grad():
         layer(torch.randn(2, 24))  # builds the stacks
     refs = [weakref.ref(layer.lora_A["a"]), weakref.ref(layer.lora_B["a"])]
-    stack_ref = weakref.ref(layer._stack[0])
+    slot = layer.slot("a")
     lora_ext.delete_adapter(layer, "a")
     gc.collect()
-    assert all(r() is None for r in refs) and stack_ref() is None
+    assert all(r() is None for r in refs)
+    a_stack, b_stack, scales, ranks = layer.stacks()  # the slot is empty, and reused next
+    assert torch.count_nonzero(a_stack[slot]) == 0 and scales[slot] == 0 and ranks[slot] == 1
+    layer.add_adapter("a2", r=4)
+    assert layer.slot("a2") == slot
+    lora_ext.delete_adapter(layer, "a2")
     assert layer.adapter_names == ["b"] and lora_ext.list_adapters(layer) == ["b"]
     with torch.no_grad():  # the row that used "a" now gets the base model
         x = torch.randn(2, 24)

@@ -1,0 +1,249 @@
+"""The state all LoRA layers of one model share: adapter slots and the row selection.
+
+Every adapter of a model owns one *slot* number, the same in every layer, so each
+layer keeps its adapters in a slot stack (``a_stack[slot]``, ``b_stack[slot]``) and a
+batch's row-to-adapter index is built once per model forward and shared by all
+layers. Slots are handed out from a free list and reused; the capacity (slots per
+stack) grows geometrically, so loading, deleting and replacing an adapter cost O(1)
+in the number loaded, amortised.
+
+Thread safety: the selection a forward uses is *pinned* for the whole model forward
+(a forward pre-hook on the module that :func:`lora_ext.set_adapter` or a loader was
+given), so replacing or deleting an adapter while another thread runs forwards
+never mixes old and new weights inside one forward. A replaced adapter's old slot is
+freed only once no pinned forward can still read it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import threading
+import weakref
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+AdapterNames = Union[Optional[str], Sequence[Optional[str]]]
+
+# Slots grow by this factor: amortised O(1) per load, at most 25% unused slots.
+_GROWTH = 1.25
+_MIN_CAPACITY = 4
+# Distinct (input shape, device) index tensors kept per selection.
+_MAX_CACHED_INDICES = 64
+
+
+class _Selection:
+    """An immutable choice of adapter per batch row, resolved to slots (-1 = base)."""
+
+    def __init__(self, names: AdapterNames, slot_of: dict[str, int]):
+        if names is None or isinstance(names, str):
+            rows = [names]
+            self.per_row = False
+        else:
+            rows = list(names)
+            if not rows:
+                raise ValueError("set_adapter: the list of per-row adapters is empty")
+            self.per_row = True
+        for name in rows:
+            if name is not None and name not in slot_of:
+                raise ValueError(f"unknown adapter {name!r}; loaded adapters: {list(slot_of)}")
+        self.names = rows
+        self.slots = [-1 if n is None else slot_of[n] for n in rows]
+        self.is_uniform = len(set(rows)) == 1
+        self.uniform_slot = self.slots[0] if self.is_uniform else None
+        self.used_names = sorted({n for n in rows if n is not None})
+        # CPU int32 [rows]; the compiled path expands it in the graph.
+        self.rows = torch.tensor(self.slots, dtype=torch.int32)
+        # Rows as positions in used_names, for stacks built from the used adapters only.
+        self.compact_rows = torch.tensor(
+            [-1 if n is None else self.used_names.index(n) for n in rows], dtype=torch.int32
+        )
+        self._indices: dict = {}
+
+    def as_argument(self) -> AdapterNames:
+        """What set_adapter was given (to restore it)."""
+        return self.names if self.per_row else self.names[0]
+
+    def row_index(self, x: Tensor, compact: bool = False) -> Tensor:
+        """int32 ``[tokens]`` slot of every token row of ``x`` (-1: base), cached per shape.
+
+        ``compact``: positions in :attr:`used_names` instead of slots.
+
+        ``x`` is ``[batch, ..., in]``: every token of batch row b uses row b's adapter. A
+        batch k times the selection (``num_beams``, ``num_return_sequences``) repeats each
+        entry k times, as ``repeat_interleave`` does.
+        """
+        batch = x.shape[0] if x.dim() > 1 else 1
+        tokens = math.prod(x.shape[1:-1]) if x.dim() > 2 else 1
+        key = (x.device, batch, tokens, compact)
+        index = self._indices.get(key)
+        if index is None:
+            rows = self.compact_rows if compact else self.rows
+            index = expand_rows(rows, batch, tokens).to(x.device)
+            if len(self._indices) >= _MAX_CACHED_INDICES:
+                self._indices = {}
+            self._indices[key] = index
+        return index
+
+
+def expand_rows(rows: Tensor, batch: int, tokens: int) -> Tensor:
+    """Per-batch-row slots -> per-token-row slots (also traced by torch.compile)."""
+    if batch % rows.shape[0] != 0:
+        raise ValueError(
+            f"the batch has {batch} rows but set_adapter was given {rows.shape[0]} "
+            "per-row adapters (expected the same number, or a multiple for "
+            "num_beams / num_return_sequences)"
+        )
+    return rows.repeat_interleave(batch // rows.shape[0] * tokens)
+
+
+class _AdapterContext:
+    """Slots, capacity and selection shared by all LoRA layers of one model."""
+
+    def __init__(self) -> None:
+        self.slot_of: dict[str, int] = {}  # name -> slot, in load order
+        self.capacity = 0  # slots per layer stack
+        self.max_rank: Optional[int] = None  # user-set rank capacity (None: grows)
+        self._free: list[int] = []  # heap of freed slots
+        self._next_slot = 0  # slots [0, _next_slot) have been handed out
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
+        self.layers: "weakref.WeakSet" = weakref.WeakSet()
+        self._mutex = threading.RLock()  # serialises loads, deletes, replaces
+        self._cond = threading.Condition()  # guards the published selection and pins
+        self._generation = 0
+        self._published: tuple[int, Optional[_Selection]] = (0, None)
+        self._pins: dict[int, list] = {}  # thread id -> [selection, depth, generation]
+
+    # deepcopy / pickle: locks and pins are per process, layers re-register themselves
+    def __getstate__(self) -> dict:
+        keep = ("slot_of", "capacity", "max_rank", "_free", "_next_slot")
+        state = {k: self.__dict__[k] for k in keep}
+        state["selection"] = self.selection
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        selection = state.pop("selection")
+        self.__dict__.update(state)
+        self._init_runtime()
+        self._published = (0, selection)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.slot_of)
+
+    @property
+    def selection(self) -> Optional[_Selection]:
+        return self._published[1]
+
+    # -- slots ----------------------------------------------------------------------
+    def register(self, layer) -> None:
+        self.layers.add(layer)
+
+    def take_slot(self) -> int:
+        """A free slot, growing every layer's stacks when none is left."""
+        if self._free:
+            return heapq.heappop(self._free)
+        if self._next_slot >= self.capacity:
+            self.reserve(max(_MIN_CAPACITY, math.ceil(self.capacity * _GROWTH)))
+        slot = self._next_slot
+        self._next_slot += 1
+        return slot
+
+    def retire(self, name: str) -> None:
+        """Drop ``name``'s slot: rows selecting it fall back to the base model.
+
+        Waits for forwards of other threads that pinned a selection using the slot,
+        then zeroes it in every layer and puts it on the free list.
+        """
+        slot = self.slot_of.pop(name)
+        self.retire_slot(slot, self.reselect())
+
+    def retire_slot(self, slot: int, generation: int) -> None:
+        """Free ``slot`` once no forward older than ``generation`` can read it."""
+        self.wait_for_forwards_before(generation)
+        for layer in list(self.layers):
+            layer._clear_slot(slot)
+        heapq.heappush(self._free, slot)
+
+    def reserve(self, capacity: int, max_rank: Optional[int] = None) -> None:
+        """Grow the slot capacity (and fix the rank capacity) of every layer."""
+        if max_rank is not None:
+            self.max_rank = max_rank
+        if capacity > self.capacity:
+            self.capacity = capacity
+        for layer in list(self.layers):
+            layer._fit_storage()
+
+    # -- selection and pinning ----------------------------------------------------------
+    def select(self, names: AdapterNames) -> None:
+        self.publish(None if names is None else _Selection(names, self.slot_of))
+
+    def publish(self, selection: Optional[_Selection]) -> int:
+        """Make ``selection`` the one new forwards use; returns its generation."""
+        with self._cond:
+            self._generation += 1
+            self._published = (self._generation, selection)
+            return self._generation
+
+    def reselect(self) -> int:
+        """Re-resolve the current selection after slots changed (deleted names -> base)."""
+        old = self.selection
+        if old is None:
+            return self.publish(None)
+        names = [n if n in self.slot_of else None for n in old.names]
+        names = names if old.per_row else names[0]
+        return self.publish(None if names is None else _Selection(names, self.slot_of))
+
+    def active_selection(self) -> Optional[_Selection]:
+        """The selection pinned by this thread's running model forward, else the current one."""
+        if torch.compiler.is_compiling():
+            return self._published[1]
+        pin = self._pins.get(threading.get_ident())
+        return pin[0] if pin is not None else self._published[1]
+
+    def pin(self, *_) -> None:
+        """Forward pre-hook of the model: fix the selection for this whole forward."""
+        if torch.compiler.is_compiling():
+            return
+        tid = threading.get_ident()
+        with self._cond:
+            pin = self._pins.get(tid)
+            if pin is not None:
+                pin[1] += 1
+            else:
+                generation, selection = self._published
+                self._pins[tid] = [selection, 1, generation]
+
+    def unpin(self, *_) -> None:
+        """Forward hook (always called, also on errors): release the pin."""
+        if torch.compiler.is_compiling():
+            return
+        tid = threading.get_ident()
+        with self._cond:
+            pin = self._pins.get(tid)
+            if pin is None:
+                return
+            pin[1] -= 1
+            if pin[1] == 0:
+                del self._pins[tid]
+                self._cond.notify_all()
+
+    def wait_for_forwards_before(self, generation: int) -> None:
+        """Block until no other thread's forward uses a selection older than ``generation``."""
+        me = threading.get_ident()
+        with self._cond:
+            self._cond.wait_for(
+                lambda: all(p[2] >= generation for t, p in self._pins.items() if t != me)
+            )
+
+    def attach_pin_hooks(self, module: torch.nn.Module) -> None:
+        """Pin the selection per forward of ``module`` (once per module)."""
+        if getattr(module, "_lora_ext_pin_hooks", None) is self:
+            return
+        module.register_forward_pre_hook(self.pin)
+        module.register_forward_hook(self.unpin, always_call=True)
+        module._lora_ext_pin_hooks = self
