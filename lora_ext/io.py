@@ -188,22 +188,7 @@ def load_adapter(
     keys, a shape that does not fit, a rank above the capacity set with
     :func:`~lora_ext.reserve_adapters` raises and changes nothing. Returns ``model``.
     """
-    if isinstance(source, Mapping):
-        where = "state dict"
-        if config is None:
-            raise ValueError(
-                "load_adapter from a state dict needs its config: the adapter_config.json "
-                "content as a dict, or a peft.LoraConfig"
-            )
-        config = _check_config(config, "config")
-        tensors = dict(source)
-    else:
-        if config is not None:
-            raise ValueError("config is only for state dicts; a folder carries adapter_config.json")
-        path = os.fspath(source)
-        config = _read_config(path)
-        tensors = _read_weights(path)
-        where = os.path.join(path, WEIGHTS_NAME)
+    config, tensors, where = _read_source(source, config)
     if not replace and adapter_name in list_adapters(model):
         raise ValueError(
             f"adapter {adapter_name!r} is already loaded; delete_adapter it first, or pass "
@@ -218,6 +203,21 @@ def load_adapter(
     if ctx.selection is None:
         ctx.select(adapter_name)
     return model
+
+
+def _read_source(source, config: Optional[Any]) -> tuple[dict, Mapping, str]:
+    """``(config, tensors, where)`` of a folder or of a state dict with its config."""
+    if isinstance(source, Mapping):
+        if config is None:
+            raise ValueError(
+                "load_adapter from a state dict needs its config: the adapter_config.json "
+                "content as a dict, or a peft.LoraConfig"
+            )
+        return _check_config(config, "config"), source, "state dict"
+    if config is not None:
+        raise ValueError("config is only for state dicts; a folder carries adapter_config.json")
+    path = os.fspath(source)
+    return _read_config(path), _read_weights(path), os.path.join(path, WEIGHTS_NAME)
 
 
 def _plan(model: nn.Module, config: dict, tensors: Mapping, where: str):

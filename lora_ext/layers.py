@@ -241,9 +241,9 @@ class LoRALinear(nn.Module):
         """Store an adapter's weights in ``slot`` (an empty slot: no forward reads it)."""
         self._fit_storage(spec.r)
         r = spec.r
-        with torch.no_grad():
-            self._a_stack[slot, :r].copy_(a)
-            self._b_stack[slot, :, :r].copy_(b)
+        with torch.no_grad():  # from pinned memory asynchronously (the pool's side stream)
+            self._a_stack[slot, :r].copy_(a, non_blocking=a.is_pinned())
+            self._b_stack[slot, :, :r].copy_(b, non_blocking=b.is_pinned())
             self._scales[slot] = spec.scale
             self._ranks[slot] = r
             self._dropout[slot] = spec.dropout
