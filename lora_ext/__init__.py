@@ -21,6 +21,7 @@ from .model import (
     unmerge_adapter,
 )
 from .io import load_adapter, save_adapter
+from .pool import AdapterPool
 
 __all__ = [
     "lora_linear",
@@ -40,5 +41,6 @@ __all__ = [
     "print_trainable_parameters",
     "save_adapter",
     "load_adapter",
+    "AdapterPool",
 ]
 __version__ = "0.1.0"

@@ -29,7 +29,6 @@ AdapterNames = Union[Optional[str], Sequence[Optional[str]]]
 
 # Slots grow by this factor: amortised O(1) per load, at most 25% unused slots.
 _GROWTH = 1.25
-_MIN_CAPACITY = 4
 # Distinct (input shape, device) index tensors kept per selection.
 _MAX_CACHED_INDICES = 64
 
@@ -148,7 +147,7 @@ class _AdapterContext:
         if self._free:
             return heapq.heappop(self._free)
         if self._next_slot >= self.capacity:
-            self.reserve(max(_MIN_CAPACITY, math.ceil(self.capacity * _GROWTH)))
+            self.reserve(max(self.capacity + 1, math.ceil(self.capacity * _GROWTH)))
         slot = self._next_slot
         self._next_slot += 1
         return slot

@@ -40,8 +40,6 @@ class AdapterPool:
     def __init__(self, model: nn.Module, max_resident: int, max_rank: Optional[int] = None):
         if not isinstance(max_resident, int) or max_resident < 1:
             raise ValueError(f"max_resident must be a positive integer, got {max_resident!r}")
-        if not _lora_layers(model):
-            raise ValueError("the model has no LoRA layers; load one adapter (or inject_lora) first")
         self.model = model
         self.max_resident = max_resident
         self._sources: dict[str, tuple[Source, Optional[dict]]] = {}
@@ -50,8 +48,16 @@ class AdapterPool:
         self._lock = threading.RLock()
         self._device = next(model.parameters()).device
         self._stream = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
-        unmanaged = len(list_adapters(model))
-        reserve_adapters(model, unmanaged + max_resident, max_rank)
+        self._max_rank = max_rank
+        self._reserved = False
+        if _lora_layers(model):
+            self._reserve()
+
+    def _reserve(self) -> None:
+        """Room for max_resident adapters besides those loaded outside the pool."""
+        unmanaged = len(set(list_adapters(self.model)) - set(self._resident))
+        reserve_adapters(self.model, unmanaged + self.max_resident, self._max_rank)
+        self._reserved = True
 
     # -- registry ----------------------------------------------------------------------
     @property
@@ -151,6 +157,10 @@ class AdapterPool:
     def _load(self, name: str) -> None:
         # not load_adapter: loading must not change the model's selection
         plan, weights = _plan(self.model, *_read_source(*self._sources[name]))
+        if not self._reserved and self._max_rank is not None:
+            for spec in plan.values():  # before anything is loaded
+                if spec.r > self._max_rank:
+                    raise ValueError(f"adapter {name!r} has rank {spec.r} > max_rank {self._max_rank}")
         if self._stream is None:
             _attach(self.model, plan, name, weights=weights)
         else:
@@ -160,6 +170,8 @@ class AdapterPool:
                 event.record(self._stream)
             self._ready[name] = event
         self._resident[name] = None
+        if not self._reserved:  # the model had no LoRA layers before this adapter
+            self._reserve()
 
     def _evict(self, name: str) -> None:
         self._ready.pop(name, None)

@@ -86,8 +86,10 @@ def test_replace_in_place_keeps_parameters_and_order(tiny_llama):
     before = _logits(model, ids, names)
     q = model.model.layers[0].self_attn.q_proj
     params = (q.lora_A["y"], q.lora_B["y"])
-    capacity = q.stacks()[0].shape[0]
     new_state = _state_dict(model, cfg, seed=10)
+    lora_ext.load_adapter(model, new_state, "y", config=cfg, replace=True)
+    capacity = q.stacks()[0].shape[0]  # 4: a replacement needs one free slot while it runs
+    assert capacity == 4
     for step in range(3 * capacity):  # churn: old slots are freed and reused
         lora_ext.load_adapter(model, _state_dict(model, cfg, seed=20 + step), "y", config=cfg, replace=True)
     lora_ext.load_adapter(model, new_state, "y", config=_config(alpha=2), replace=True)
