@@ -38,6 +38,7 @@ import lora_ext
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_WORKLOADS = ["W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8"]
+ALL_WORKLOADS.append("W10")  # vLLM with the lora_ext plugin: benchmarks/vllm_w10.py
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 NOT_YET = "not yet available"
 
@@ -576,6 +577,53 @@ def w8_training(args) -> dict:
 
 
 # ---------------------------------------------------------------------------
+# W10: vLLM with lora_ext's plugin (benchmarks/vllm_w10.py)
+
+
+def w10_vllm(args) -> dict:
+    """vLLM offline throughput: no LoRA, vLLM's own LoRA path, lora_ext's plugin."""
+    import importlib.util
+
+    import vllm_w10 as w10  # benchmarks/, next to this file
+
+    desc = (f"vLLM {w10.REQUESTS} requests x {w10.NEW_TOKENS} generated tokens on SmolLM2-135M, "
+            f"max_loras={w10.MAX_LORAS}, r={w10.RANK} on q,k,v,o; mix3: the 3 shipped adapters + base rows "
+            f"(8 each), mix16: 16 adapters + 2 base rows; one engine process per variant and dtype, "
+            f"mixes timed in turn")
+    names = [f"{v} {d} {m}" for d in w10.DTYPES for m in w10.MIXES for v in w10.VARIANTS]
+    if importlib.util.find_spec("vllm") is None:
+        return _not_yet("W10", desc, names, f"{NOT_YET}: vLLM is not installed (scripts/setup_vllm.sh)")
+    with tempfile.TemporaryDirectory(prefix="lora_ext_w10_") as tmp:
+        res = w10.run_all(args.model_reps, Path(tmp))
+    tokens = w10.REQUESTS * w10.NEW_TOKENS
+    variants, extra, check_ok = [], {}, True
+    for d in w10.DTYPES:
+        for m in w10.MIXES:
+            for v in w10.VARIANTS:
+                ms = [s * 1e3 for s in res[d][v][m]["seconds"]]
+                med = _quantile(ms, 0.5)
+                variants.append({"name": f"{v} {d} {m}", "median_ms": med, "p10_ms": _quantile(ms, 0.1),
+                                 "p90_ms": _quantile(ms, 0.9), "min_ms": min(ms), "n": len(ms),
+                                 "tokens_per_s": tokens / (med * 1e-3)})
+            tps = {v: tokens / (_quantile(res[d][v][m]["seconds"], 0.5)) for v in w10.VARIANTS}
+            extra[f"lora_ext_over_no_lora_{d}_{m}"] = tps["lora_ext"] / tps["no_lora"]
+            extra[f"vllm_lora_over_no_lora_{d}_{m}"] = tps["vllm_lora"] / tps["no_lora"]
+            rows = res[d]["lora_ext"]["rows"][m]
+            ours, theirs, plain = (res[d][v][m]["tokens"] for v in ("lora_ext", "vllm_lora", "no_lora"))
+            lora_rows = [i for i, a in enumerate(rows) if a is not None]
+            base_rows = [i for i, a in enumerate(rows) if a is None]
+            same_lora = sum(ours[i] == theirs[i] for i in lora_rows)
+            extra[f"same_tokens_as_vllm_lora_{d}_{m}"] = f"{same_lora}/{len(lora_rows)} adapter rows"
+            extra[f"base_rows_same_as_no_lora_{d}_{m}"] = (
+                f"lora_ext {sum(ours[i] == plain[i] for i in base_rows)}/{len(base_rows)}, "
+                f"vllm_lora {sum(theirs[i] == plain[i] for i in base_rows)}/{len(base_rows)}")
+            if d == "float32":  # bf16 rounding may flip a late greedy token; fp32 must agree
+                check_ok &= same_lora == len(lora_rows) and all(ours[i] == plain[i] for i in base_rows)
+    return {"workload": "W10", "description": desc, "device": "cpu", "variants": variants, "extra": extra,
+            "check_ok": check_ok}
+
+
+# ---------------------------------------------------------------------------
 # Targets, report, plot
 
 
@@ -615,6 +663,10 @@ def targets(results: list[dict]) -> list[dict]:
             peft_over = e["peft_overhead_over_base"]
             ratio = e["lora_ext_overhead_over_base"] / peft_over if peft_over > 0 else None
             add(r, "overhead over base / PEFT's", ratio, 1 / 3, False)
+        elif w == "W10":
+            for key, value in e.items():
+                if key.startswith("lora_ext_over_no_lora_"):
+                    add(r, "tokens/s vs vLLM without LoRA, " + key[len("lora_ext_over_no_lora_"):], value, 0.9, True)
     return out
 
 
@@ -677,6 +729,12 @@ def markdown(report: dict) -> str:
             else:
                 lines.append(f"| {r['workload']} | {v['name']} | {v['median_ms'] / 1e3:.2f} | "
                              f"{v['p10_ms'] / 1e3:.2f}..{v['p90_ms'] / 1e3:.2f} | {v['tokens_per_s']:.1f} |")
+    for r in report["results"]:
+        if r["workload"] == "W10" and r.get("status") != NOT_YET:
+            lines += ["", "## vLLM (W10)", "", "| variant dtype mix | median s | p10..p90 s | tokens/s |",
+                      "|---|---:|---:|---:|"]
+            lines += [f"| {v['name']} | {v['median_ms'] / 1e3:.2f} | {v['p10_ms'] / 1e3:.2f}..{v['p90_ms'] / 1e3:.2f} | "
+                      f"{v['tokens_per_s']:.1f} |" for v in r["variants"]]
     lines += ["", "## Targets (issue 4; stated for the 2-core CPU)", "",
               "| workload | dev | measure | value | target | met |", "|---|---|---|---:|---:|---|"]
     for t in report["targets"]:
@@ -808,6 +866,9 @@ def main(argv=None) -> int:
         results.append(w7_generation(args))
     if "W8" in selected:
         results.append(w8_training(args))
+
+    if "W10" in selected:
+        results.append(w10_vllm(args))
 
     report = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
