@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import lora_ext
 
 ROOT = Path(__file__).resolve().parents[1]
-ALL_WORKLOADS = ["W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8"]
+ALL_WORKLOADS = ["W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8", "W9"]
 ALL_WORKLOADS.append("W10")  # vLLM with the lora_ext plugin: benchmarks/vllm_w10.py
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 NOT_YET = "not yet available"
@@ -588,8 +588,8 @@ def w10_vllm(args) -> dict:
 
     desc = (f"vLLM {w10.REQUESTS} requests x {w10.NEW_TOKENS} generated tokens on SmolLM2-135M, "
             f"max_loras={w10.MAX_LORAS}, r={w10.RANK} on q,k,v,o; mix3: the 3 shipped adapters + base rows "
-            f"(8 each), mix16: 16 adapters + 2 base rows; one engine process per variant and dtype, "
-            f"mixes timed in turn")
+            f"(8 each), mix16: 16 adapters + 2 base rows; per dtype one process holds the three engines, "
+            f"timed in turn, repetition after repetition")
     names = [f"{v} {d} {m}" for d in w10.DTYPES for m in w10.MIXES for v in w10.VARIANTS]
     if importlib.util.find_spec("vllm") is None:
         return _not_yet("W10", desc, names, f"{NOT_YET}: vLLM is not installed (scripts/setup_vllm.sh)")
@@ -608,7 +608,9 @@ def w10_vllm(args) -> dict:
             tps = {v: tokens / (_quantile(res[d][v][m]["seconds"], 0.5)) for v in w10.VARIANTS}
             extra[f"lora_ext_over_no_lora_{d}_{m}"] = tps["lora_ext"] / tps["no_lora"]
             extra[f"vllm_lora_over_no_lora_{d}_{m}"] = tps["vllm_lora"] / tps["no_lora"]
-            rows = res[d]["lora_ext"]["rows"][m]
+            rows = res[d]["rows"][m]
+            extra[f"greedy_tokens_same_every_rep_{d}_{m}"] = all(
+                res[d][v][m]["same_tokens_every_rep"] for v in w10.VARIANTS)
             ours, theirs, plain = (res[d][v][m]["tokens"] for v in ("lora_ext", "vllm_lora", "no_lora"))
             lora_rows = [i for i, a in enumerate(rows) if a is not None]
             base_rows = [i for i, a in enumerate(rows) if a is None]
@@ -626,6 +628,185 @@ def w10_vllm(args) -> dict:
 # ---------------------------------------------------------------------------
 # Targets, report, plot
 
+
+# ---------------------------------------------------------------------------
+# W9: many adapters in one model
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _lora_bytes(model) -> tuple[int, int]:
+    """(bytes of the adapters' parameters, bytes of the slot stacks) over all LoRA layers."""
+    from lora_ext.model import _lora_layers
+    params = stacks = 0
+    for _, layer in _lora_layers(model):
+        params += sum(p.numel() * p.element_size() for d in (layer.lora_A, layer.lora_B) for p in d.values())
+        stacks += sum(t.numel() * t.element_size() for t in layer.stacks()[:2])
+    return params, stacks
+
+
+def w9_many_adapters(args) -> dict:
+    """Thousands of adapters on SmolLM2-135M: per-step cost, memory, load/replace, a pool."""
+    import random
+
+    from safetensors.torch import load_file
+    from lora_ext import llm, tasks
+
+    counts = (3, 10, 40) if args.tiny else (3, 100, 1000)
+    new_tokens = 4 if args.tiny else args.gen_tokens
+    desc = (f"{counts[-1]} adapters on SmolLM2-135M (the 3 shipped r=8 q/k/v/o adapters + random ones of "
+            f"the same shape, fp32): W7's 8-row mixed batch over the 3 shipped adapters, "
+            f"{new_tokens} new tokens, with {counts[0]}, {counts[1]} and {counts[2]} loaded")
+    started = time.perf_counter()
+
+    def progress(what):
+        print(f"  W9 {time.perf_counter() - started:6.1f} s: {what}", file=sys.stderr)
+
+    lm, tok = _load_llm()
+    lm.eval()
+    shipped = {name: ROOT / "lora_ext" / "adapters" / name for name in tasks.TASKS}
+    config = json.loads((next(iter(shipped.values())) / "adapter_config.json").read_text())
+    template = load_file(next(iter(shipped.values())) / "adapter_model.safetensors")
+    gen = torch.Generator().manual_seed(args.seed)
+
+    def synthetic():
+        return {k: (torch.randn(v.shape, generator=gen) * v.float().std()).to(v.dtype) for k, v in template.items()}
+
+    def with_shipped():
+        m = copy.deepcopy(lm)
+        for name, folder in shipped.items():
+            lora_ext.load_adapter(m, folder, name)
+        return m
+
+    rows = []
+    for name, task in tasks.TASKS.items():
+        rows += [(name, p) for p, _ in task.examples(2, seed=0)]
+    rows += [(None, q) for q, _ in tasks.BASE_QUESTIONS]
+    names, prompts = [n for n, _ in rows], [p for _, p in rows]
+
+    # Models with 3, 100 (room reserved up front) and 1000 (default growth) adapters.
+    few, mid, many = with_shipped(), with_shipped(), with_shipped()
+    lora_ext.reserve_adapters(mid, counts[1])
+    rss0 = _rss_bytes()
+    for i in range(counts[1] - 3):
+        lora_ext.load_adapter(mid, synthetic(), f"s{i}", config=config)
+    rss_mid = _rss_bytes() - rss0
+    load_ms = []  # per load from a state dict, in order: N = 3 .. counts[-1] - 1 loaded
+    pending = [synthetic() for _ in range(counts[2] - 3)]  # made first: their memory is not the model's
+    rss0 = _rss_bytes()
+    for i, state in enumerate(pending):
+        t0 = time.perf_counter()
+        lora_ext.load_adapter(many, state, f"s{i}", config=config)
+        load_ms.append((time.perf_counter() - t0) * 1e3)
+    rss_many = _rss_bytes() - rss0
+    progress(f"loaded {counts[1]} and {counts[2]} adapters")
+    one_adapter = _lora_bytes(few)[0] / 3
+    mid_params, mid_stacks = _lora_bytes(mid)
+    many_params, many_stacks = _lora_bytes(many)
+
+    def generate(model):
+        with lora_ext.set_adapter(model, names):
+            return llm.generate(model, tok, prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+
+    outputs = [generate(m).texts for m in (few, mid, many)]
+    variants = measure(torch.device("cpu"), {
+        f"{counts[0]}_loaded": lambda: generate(few),
+        f"{counts[1]}_loaded": lambda: generate(mid),
+        f"{counts[2]}_loaded": lambda: generate(many),
+    }, args, reps=args.model_reps, warmup=1)
+    for v in variants:
+        v["tokens_per_s"] = len(prompts) * new_tokens / (v["median_ms"] * 1e-3)
+    progress("timed the mixed generate")
+
+    # Load from a PEFT folder, delete, replace: at N = 3 and N = counts[-1].
+    def timed(fn, reps):
+        out = []
+        for i in range(reps):
+            t0 = time.perf_counter()
+            fn(i)
+            out.append((time.perf_counter() - t0) * 1e3)
+        return _quantile(out, 0.5)
+
+    reps = 3 if args.tiny else 10
+    folder = shipped["upper"]
+    ops_ms = {}
+    for label, model in (("few", few), ("many", many)):
+        ops_ms[f"load_folder_ms_{label}"] = timed(lambda i: lora_ext.load_adapter(model, folder, f"f{i}"), reps)
+        ops_ms[f"delete_ms_{label}"] = timed(lambda i: lora_ext.delete_adapter(model, f"f{i}"), reps)
+        states = [synthetic() for _ in range(reps)]
+        ops_ms[f"replace_ms_{label}"] = timed(
+            lambda i: lora_ext.load_adapter(model, states[i], "upper", config=config, replace=True), reps)
+    del few, mid
+    progress("timed load / delete / replace")
+
+    # Serving trace: batches of 8-32 rows, each row's adapter Zipf over all of them;
+    # a pool with max_resident=64 against the all-resident model.
+    max_resident = 32 if args.tiny else 64  # a batch has up to 32 distinct adapters
+    pooled = copy.deepcopy(lm)
+    pool = lora_ext.AdapterPool(pooled, max_resident=max_resident, max_rank=config["r"])
+    for name, folder in shipped.items():
+        lora_ext.load_adapter(many, folder, name, replace=True)  # undo the replacements above
+        pool.add(name, folder)  # from disk
+    for i in range(len(pending)):
+        pool.add(f"s{i}", pending[i], config=config)  # host memory (the pool's own copy)
+        pending[i] = None
+    all_names = list(pool.names)
+    rng = random.Random(args.seed)
+    popularity = all_names[:]
+    rng.shuffle(popularity)
+    weights = [1.0 / (k + 1) ** 1.1 for k in range(len(popularity))]
+    prompt_pool = [p for t in tasks.TASKS.values() for p, _ in t.examples(12, seed=1)]
+    trace = []
+    for _ in range(2 if args.tiny else 10):
+        batch = rng.randint(8, 32)
+        trace.append(rng.choices(popularity, weights=weights, k=batch))
+    trace_tokens = 4 if args.tiny else 8
+    times = {"pool": 0.0, "all_resident": 0.0}
+    same = True
+    for b, batch_names in enumerate(trace):
+        batch_prompts = [prompt_pool[j % len(prompt_pool)] for j in range(len(batch_names))]
+        texts = {}
+        order = (("pool", pooled), ("all_resident", many))
+        for key, model in (order if b % 2 == 0 else order[::-1]):  # alternate who goes first
+            t0 = time.perf_counter()
+            if key == "pool":
+                pool.set_adapter(batch_names)
+            else:
+                lora_ext.set_adapter(model, batch_names)
+            texts[key] = llm.generate(model, tok, batch_prompts, max_new_tokens=trace_tokens,
+                                      min_new_tokens=trace_tokens).texts
+            times[key] += time.perf_counter() - t0
+        same = same and texts["pool"] == texts["all_resident"]
+    progress("ran the serving trace")
+    trace_tokens_total = sum(len(n) for n in trace) * trace_tokens
+    distinct = [len(set(n)) for n in trace]
+
+    extra = {
+        "loaded_few_mid_many": "/".join(map(str, counts)),
+        "adapter_bytes": one_adapter,
+        "tokens_per_s_many_over_few": variants[2]["tokens_per_s"] / variants[0]["tokens_per_s"],
+        "tokens_per_s_mid_over_few": variants[1]["tokens_per_s"] / variants[0]["tokens_per_s"],
+        "stacks_over_adapter_bytes_many_default_growth": many_stacks / many_params,
+        "rss_growth_over_adapter_bytes_many_default_growth": rss_many / (len(load_ms) * one_adapter),
+        "stacks_over_adapter_bytes_mid_reserved": mid_stacks / mid_params,
+        "rss_growth_over_adapter_bytes_mid_reserved": rss_mid / ((counts[1] - 3) * one_adapter),
+        "load_state_dict_ms_first10": _quantile(load_ms[:10], 0.5),
+        "load_state_dict_ms_last10": _quantile(load_ms[-10:], 0.5),
+        **ops_ms,
+        "trace_batches": len(trace),
+        "trace_distinct_adapters_per_batch": f"{min(distinct)}-{max(distinct)} (mean {sum(distinct) / len(distinct):.1f})",
+        "trace_max_resident": max_resident,
+        "trace_pool_loads": pool.loads,
+        "trace_pool_evictions": pool.evictions,
+        "trace_tokens_per_s_pool": trace_tokens_total / times["pool"],
+        "trace_tokens_per_s_all_resident": trace_tokens_total / times["all_resident"],
+        "trace_pool_over_all_resident": times["all_resident"] / times["pool"],
+    }
+    return {"workload": "W9", "description": desc, "device": "cpu", "variants": variants, "extra": extra,
+            "check_ok": outputs[0] == outputs[1] == outputs[2] and same}
 
 def targets(results: list[dict]) -> list[dict]:
     out = []
@@ -667,6 +848,12 @@ def targets(results: list[dict]) -> list[dict]:
             for key, value in e.items():
                 if key.startswith("lora_ext_over_no_lora_"):
                     add(r, "tokens/s vs vLLM without LoRA, " + key[len("lora_ext_over_no_lora_"):], value, 0.9, True)
+        elif w == "W9":
+            add(r, "tokens/s, many loaded / 3 loaded", e["tokens_per_s_many_over_few"], 0.95, True)
+            add(r, "stack bytes / adapter bytes, default growth", e["stacks_over_adapter_bytes_many_default_growth"], 1.1, False)
+            add(r, "RSS growth / adapter bytes, default growth", e["rss_growth_over_adapter_bytes_many_default_growth"], 1.1, False)
+            add(r, "load ms, last 10 / first 10 loads", e["load_state_dict_ms_last10"] / e["load_state_dict_ms_first10"], 1.5, False)
+            add(r, "replace ms, many loaded / 3 loaded", e["replace_ms_many"] / e["replace_ms_few"], 1.5, False)
     return out
 
 
@@ -721,7 +908,7 @@ def markdown(report: dict) -> str:
     lines += ["", "## End to end (W7, W8)", "", "| workload | variant | median s | p10..p90 s | tokens/s |",
               "|---|---|---:|---:|---:|"]
     for r in report["results"]:
-        if r["workload"] not in ("W7", "W8"):
+        if r["workload"] not in ("W7", "W8", "W9"):
             continue
         for v in r["variants"]:
             if v.get("status") == NOT_YET:
@@ -866,6 +1053,8 @@ def main(argv=None) -> int:
         results.append(w7_generation(args))
     if "W8" in selected:
         results.append(w8_training(args))
+    if "W9" in selected:
+        results.append(w9_many_adapters(args))
 
     if "W10" in selected:
         results.append(w10_vllm(args))

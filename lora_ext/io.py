@@ -189,17 +189,11 @@ def load_adapter(
     :func:`~lora_ext.reserve_adapters` raises and changes nothing. Returns ``model``.
     """
     config, tensors, where = _read_source(source, config)
-    if not replace and adapter_name in list_adapters(model):
-        raise ValueError(
-            f"adapter {adapter_name!r} is already loaded; delete_adapter it first, or pass "
-            "replace=True to swap its weights"
-        )
     plan, weights = _plan(model, config, tensors, where)
     if replace:
         _replace(model, adapter_name, plan, weights)
         return model
-    _attach(model, plan, adapter_name, weights=weights)
-    ctx = _context(model)
+    ctx = _attach(model, plan, adapter_name, weights=weights)[0]._context
     if ctx.selection is None:
         ctx.select(adapter_name)
     return model

@@ -51,12 +51,12 @@ def list_adapters(model: nn.Module) -> list[str]:
 
 def _candidate_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
     """Named modules, without the insides of LoRA layers."""
-    inside: list[str] = []
+    inside: Optional[str] = None  # prefix of the last LoRA layer's insides (pre-order walk)
     for name, module in model.named_modules():
-        if any(name.startswith(p + ".") for p in inside):
+        if inside is not None and name.startswith(inside):
             continue
         if isinstance(module, LoRALinear):
-            inside.append(name)
+            inside = name + "."
         yield name, module
 
 
@@ -113,10 +113,13 @@ def _attach(
     _check_adapter_name(adapter_name)
     if init not in ("default", "gaussian"):
         raise ValueError(f"init must be 'default' or 'gaussian', got {init!r}")
-    if adapter_name in list_adapters(model):
-        raise ValueError(f"adapter {adapter_name!r} is already loaded; delete_adapter it first")
-    modules = {}
     ctx = _context(model)
+    if adapter_name in ctx.slot_of:
+        raise ValueError(
+            f"adapter {adapter_name!r} is already loaded; delete_adapter it first, or load "
+            "with replace=True to swap its weights"
+        )
+    modules = {}
     for path, spec in plan.items():
         spec.validate()
         if ctx.max_rank is not None and spec.r > ctx.max_rank:

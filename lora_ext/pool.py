@@ -50,6 +50,7 @@ class AdapterPool:
         self._stream = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
         self._max_rank = max_rank
         self._reserved = False
+        self.loads = self.evictions = 0  # counters, for a serving loop's metrics
         if _lora_layers(model):
             self._reserve()
 
@@ -170,6 +171,7 @@ class AdapterPool:
                 event.record(self._stream)
             self._ready[name] = event
         self._resident[name] = None
+        self.loads += 1
         if not self._reserved:  # the model had no LoRA layers before this adapter
             self._reserve()
 
@@ -177,6 +179,7 @@ class AdapterPool:
         self._ready.pop(name, None)
         delete_adapter(self.model, name)
         del self._resident[name]
+        self.evictions += 1
 
 
 def _host_copy(t: torch.Tensor, pin: bool) -> torch.Tensor:
