@@ -100,6 +100,7 @@ class LoRALinear(nn.Module):
         self._context = context if context is not None else _AdapterContext()
         self._context.register(self)
         self._merged: Optional[dict] = None
+        self.register_load_state_dict_post_hook(_resync_if_reassigned)
 
     # -- plain nn.Linear face (code that reads q_proj.weight keeps working) ----------
     @property
@@ -291,6 +292,12 @@ class LoRALinear(nn.Module):
             with self._context._mutex:
                 self._rebuild(self._context.capacity, self.rank_capacity)
 
+    def _shares_storage(self) -> bool:
+        storages = {t.untyped_storage().data_ptr() for t in (self._a_stack, self._b_stack)}
+        return all(
+            p.untyped_storage().data_ptr() in storages for d in (self.lora_A, self.lora_B) for p in d.values()
+        )
+
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         self._resync()  # fn converted the parameters one by one: views no longer shared
@@ -368,9 +375,13 @@ class LoRALinear(nn.Module):
             )
         if torch.compiler.is_compiling():
             # Everything from tensors: new adapters, replacements and new selections of
-            # the same shape reuse the compiled graph.
+            # the same shape reuse the compiled graph (in inference; training reads the
+            # used adapters' names, so a new selection recompiles).
             batch = x.shape[0] if x.dim() > 1 else 1
             tokens = math.prod(x.shape[1:-1]) if x.dim() > 2 else 1
+            if self._trains(selection.used_names):
+                index = expand_rows(selection.compact_rows.to(x.device), batch, tokens)
+                return self._forward_rows(x, index, *self._stack_params(selection.used_names, x.dtype))
             index = expand_rows(selection.rows.to(x.device), batch, tokens)
             return self._forward_rows(x, index, *self._slot_stacks(x.dtype))
         if selection.is_uniform:
@@ -494,3 +505,9 @@ class LoRALinear(nn.Module):
     def forget_merge(self) -> None:
         """Drop the exact-unmerge record, keeping the merged weight as the new base."""
         self._merged = None
+
+
+def _resync_if_reassigned(module: LoRALinear, incompatible_keys) -> None:
+    """``load_state_dict(assign=True)`` replaces the parameters: rebuild the stacks."""
+    if module._a_stack is not None and not module._shares_storage():
+        module._resync()

@@ -31,6 +31,7 @@ def _adopt(ctx: _AdapterContext, layer: LoRALinear) -> None:
         for name in layer.specs:
             if name not in ctx.slot_of:
                 ctx.slot_of[name] = ctx.take_slot()
+        layer._context.layers.discard(layer)
         layer._context = ctx
         ctx.register(layer)
         if layer._a_stack is not None:

@@ -202,3 +202,16 @@ def test_delete_adapter_frees_memory():
         assert_close_to_ref(layer(x)[1], _ref(layer, x[1], "b"), torch.float32)
     with pytest.raises(ValueError, match="no adapter"):
         lora_ext.delete_adapter(layer, "a")
+
+
+def test_load_state_dict_keeps_one_copy():
+    layer = _add(_add(_layer(), "a", 4, 8), "b", 2, 2)
+    state = {k: torch.randn_like(v) for k, v in layer.state_dict().items()}
+    x = torch.randn(2, 24)
+    for assign in (False, True):
+        layer.load_state_dict(state, assign=assign)
+        assert layer._shares_storage(), assign
+        torch.testing.assert_close(layer.lora_B["b"], state["lora_B.b"])
+        with torch.no_grad(), lora_ext.set_adapter(layer, ["a", "b"]):
+            y = layer(x)
+        torch.testing.assert_close(y[1], _ref(layer, x[1], "b").float())

@@ -265,3 +265,26 @@ def test_forward_cost_with_hundreds_loaded(tiny_llama):
     ratio = sorted(times["many"])[15] / sorted(times["few"])[15]
     print(f"median forward time, 303 vs 3 adapters loaded: {ratio:.2f}x")
     assert ratio < 3.0
+
+
+def test_compiled_training_reaches_the_adapter_parameters(tiny_llama):
+    torch._dynamo.reset()
+    model = tiny_llama()
+    lora_ext.inject_lora(model, ["q_proj", "v_proj"], r=4, adapter_name="t", init="gaussian")
+    lora_ext.inject_lora(model, ["q_proj", "v_proj"], r=2, adapter_name="u", init="gaussian")
+    for _, layer in _lora_layers(model):
+        for n in ("t", "u"):
+            layer.lora_B[n].data.normal_()
+            layer.lora_B[n].requires_grad_(True)
+    ids = torch.randint(3, 128, (2, 5))
+    compiled = torch.compile(model, backend="aot_eager")
+    grads = []
+    for m in (model, compiled):
+        model.zero_grad(set_to_none=True)
+        with lora_ext.set_adapter(model, ["t", "u"]):
+            m(ids, labels=ids).loss.backward()
+        q = model.model.layers[0].self_attn.q_proj
+        grads.append([q.lora_B["t"].grad.clone(), q.lora_B["u"].grad.clone()])
+    for eager, comp in zip(*grads):
+        assert torch.count_nonzero(eager) > 0
+        torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-5)
