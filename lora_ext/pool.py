@@ -92,7 +92,10 @@ class AdapterPool:
             else:
                 self._sources[name] = (os.fspath(source), None)
             try:  # the checks load_adapter makes, without loading
-                _plan(self.model, *_read_source(*self._sources[name]))
+                plan, _ = _plan(self.model, *_read_source(*self._sources[name]))
+                rank = max(spec.r for spec in plan.values())
+                if self._max_rank is not None and rank > self._max_rank:
+                    raise ValueError(f"adapter {name!r} has rank {rank} > the pool's max_rank {self._max_rank}")
             except Exception:
                 del self._sources[name]
                 raise
@@ -158,10 +161,6 @@ class AdapterPool:
     def _load(self, name: str) -> None:
         # not load_adapter: loading must not change the model's selection
         plan, weights = _plan(self.model, *_read_source(*self._sources[name]))
-        if not self._reserved and self._max_rank is not None:
-            for spec in plan.values():  # before anything is loaded
-                if spec.r > self._max_rank:
-                    raise ValueError(f"adapter {name!r} has rank {spec.r} > max_rank {self._max_rank}")
         if self._stream is None:
             _attach(self.model, plan, name, weights=weights)
         else:

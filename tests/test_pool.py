@@ -99,6 +99,9 @@ def test_bad_adapters_are_refused_at_registration(setup, tmp_path):
         pool.add("nowhere", tmp_path / "nowhere")
     with pytest.raises(ValueError, match="already registered"):
         pool.add("p0", good, config=cfg)
+    ranked = lora_ext.AdapterPool(model, max_resident=2, max_rank=2)
+    with pytest.raises(ValueError, match="max_rank 2"):
+        ranked.add("big", good, config=cfg)
     assert pool.names == NAMES
     pool.remove("p0")
     assert "p0" not in pool.names
