@@ -715,7 +715,17 @@ def w9_many_adapters(args) -> dict:
     }, args, reps=args.model_reps, warmup=1)
     for v in variants:
         v["tokens_per_s"] = len(prompts) * new_tokens / (v["median_ms"] * 1e-3)
-    progress("timed the mixed generate")
+    # One forward of the same rows (the per-step cost), short calls: many more samples.
+    ids = torch.randint(0, lm.config.vocab_size, (len(names), 32), generator=gen)
+
+    def forward(model):
+        with torch.no_grad(), lora_ext.set_adapter(model, names):
+            return model(ids).logits
+
+    steps = {v["name"]: v for v in measure(torch.device("cpu"), {
+        "few": lambda: forward(few), "mid": lambda: forward(mid), "many": lambda: forward(many),
+    }, args, reps=5 if args.tiny else 40)}
+    progress("timed the mixed generate and forward")
 
     # Load (folder, state dict), delete, replace at N = 3 and N = counts[-1], interleaved.
     reps = 3 if args.tiny else 10
@@ -789,6 +799,10 @@ def w9_many_adapters(args) -> dict:
         "adapter_bytes": one_adapter,
         "tokens_per_s_many_over_few": variants[2]["tokens_per_s"] / variants[0]["tokens_per_s"],
         "tokens_per_s_mid_over_few": variants[1]["tokens_per_s"] / variants[0]["tokens_per_s"],
+        "tokens_per_s_many_over_few_best_of_reps": variants[0]["min_ms"] / variants[2]["min_ms"],
+        "forward_ms_few_mid_many": "/".join(f"{steps[k]['median_ms']:.1f}" for k in ("few", "mid", "many")),
+        "forward_speed_many_over_few": steps["few"]["median_ms"] / steps["many"]["median_ms"],
+        "forward_speed_many_over_few_best_of_reps": steps["few"]["min_ms"] / steps["many"]["min_ms"],
         "stacks_over_adapter_bytes_many_default_growth": many_stacks / many_params,
         "rss_growth_over_adapter_bytes_many_default_growth": rss_many / (len(load_ms) * one_adapter),
         "stacks_over_adapter_bytes_mid_reserved": mid_stacks / mid_params,
@@ -855,6 +869,7 @@ def targets(results: list[dict]) -> list[dict]:
                     add(r, "tokens/s vs vLLM without LoRA, " + key[len("lora_ext_over_no_lora_"):], value, 0.9, True)
         elif w == "W9":
             add(r, "tokens/s, many loaded / 3 loaded", e["tokens_per_s_many_over_few"], 0.95, True)
+            add(r, "forward speed, many loaded / 3 loaded", e["forward_speed_many_over_few"], 0.95, True)
             add(r, "stack bytes / adapter bytes, default growth", e["stacks_over_adapter_bytes_many_default_growth"], 1.1, False)
             add(r, "RSS growth / adapter bytes, default growth", e["rss_growth_over_adapter_bytes_many_default_growth"], 1.1, False)
             add(r, "load ms (state dict), many loaded / 3 loaded", e["load_state_dict_ms_many"] / e["load_state_dict_ms_few"], 1.5, False)
