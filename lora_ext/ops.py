@@ -126,7 +126,9 @@ def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scale):
 
 
 def _empty_unless(flag: bool, like: Tensor) -> Tensor:
-    return torch.empty_like(like) if flag else like.new_empty((0,))
+    # Contiguous, as the kernels return their gradients (empty_like would copy the
+    # strides of a non-contiguous input, and torch.compile would plan for those).
+    return like.new_empty(like.shape) if flag else like.new_empty((0,))
 
 
 @torch.library.register_fake("lora_ext::lora_linear_backward")
