@@ -583,6 +583,7 @@ def w8_training(args) -> dict:
 def w10_vllm(args) -> dict:
     """vLLM offline throughput: no LoRA, vLLM's own LoRA path, lora_ext's plugin."""
     import importlib.util
+    import shutil
 
     import vllm_w10 as w10  # benchmarks/, next to this file
 
@@ -593,8 +594,9 @@ def w10_vllm(args) -> dict:
     names = [f"{v} {d} {m}" for d in w10.DTYPES for m in w10.MIXES for v in w10.VARIANTS]
     if importlib.util.find_spec("vllm") is None:
         return _not_yet("W10", desc, names, f"{NOT_YET}: vLLM is not installed (scripts/setup_vllm.sh)")
-    with tempfile.TemporaryDirectory(prefix="lora_ext_w10_") as tmp:
-        res = w10.run_all(args.model_reps, Path(tmp))
+    work = Path(tempfile.mkdtemp(prefix="lora_ext_w10_"))  # kept on failure, for the raw results
+    res = w10.run_all(args.model_reps, work)
+    shutil.rmtree(work, ignore_errors=True)
     tokens = w10.REQUESTS * w10.NEW_TOKENS
     variants, extra, check_ok = [], {}, True
     for d in w10.DTYPES:

@@ -1,15 +1,15 @@
 #!/usr/bin/env python
 """W10: vLLM offline throughput on SmolLM2-135M, with and without lora_ext's plugin.
 
-Variants (one engine process each, per dtype): ``no_lora`` (vLLM, LoRA off),
-``vllm_lora`` (vLLM's own LoRA path, LORA_EXT_VLLM=0), ``lora_ext`` (the plugin).
-Two mixes of 32 requests x 64 generated tokens (EOS ignored, so every variant makes
-the same number of tokens): the 3 shipped adapters + base rows, and 16 distinct
-adapters (the 3 shipped + 13 random ones of the same shape) + base rows, with
-``max_loras=16``. Inside a process the mixes are timed in turn, repetition after
-repetition. ``benchmarks/run.py --workloads W10`` runs this; alone:
+Variants: ``no_lora`` (vLLM, LoRA off), ``vllm_lora`` (vLLM's own LoRA path, the
+plugin switched off) and ``lora_ext`` (the plugin), as three engines in one process
+per dtype, timed in turn, repetition after repetition. Two mixes of 32 requests x 64
+generated tokens (EOS ignored, so every variant makes the same number of tokens): the
+3 shipped adapters + base rows, and 16 distinct adapters (the 3 shipped + 13 random
+ones of the same shape) + base rows, with ``max_loras=16``.
+``benchmarks/run.py --workloads W10`` runs this; alone:
 
-    python benchmarks/vllm_w10.py VARIANT DTYPE REPS OUT.json ADAPTERS_DIR
+    python benchmarks/vllm_w10.py DTYPE REPS OUT.json ADAPTERS_DIR
 """
 
 from __future__ import annotations
@@ -62,69 +62,88 @@ def _mixes(adapters: list[Path]) -> dict[str, list[tuple[str, int | None]]]:
     return {"mix3": mix3, "mix16": mix16}
 
 
-def _worker(variant: str, dtype: str, reps: int, out: str, adapter_dir: str) -> None:
+def _worker(dtype: str, reps: int, out: str, adapter_dir: str) -> None:
+    # All three engines live in this process (no engine or worker subprocesses), so
+    # their repetitions interleave and drift on a shared machine hits all alike.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
     from lora_ext import llm
+    from lora_ext.integrations import vllm as plugin
 
-    adapters = sorted(Path(adapter_dir).iterdir(), key=lambda p: p.name)
     shipped = [ROOT / "lora_ext" / "adapters" / n for n in ("upper", "reverse", "arith")]
-    adapters = shipped + [p for p in adapters if p.name.startswith("random")]
+    adapters = shipped + sorted((p for p in Path(adapter_dir).iterdir() if p.name.startswith("random")),
+                                key=lambda p: p.name)
     folder = str(llm._converted_default_model())
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    lora = variant != "no_lora"
-    engine = LLM(model=folder, dtype=dtype, max_model_len=512, enforce_eager=True, seed=0,
-                 enable_lora=lora, max_loras=MAX_LORAS, max_lora_rank=RANK)
+    # Prefix caching off: a repetition that hit the cache would compute differently.
+    common = dict(model=folder, dtype=dtype, max_model_len=512, enforce_eager=True, seed=0,
+                  enable_prefix_caching=False, distributed_executor_backend="uni")
+    lora_args = dict(enable_lora=True, max_loras=MAX_LORAS, max_lora_rank=RANK)
+
+    engines = {}
+    os.environ[plugin.ENV_SWITCH] = "0"  # vLLM loads the plugin (switched off) with the first engine
+    engines["vllm_lora"] = LLM(**common, **lora_args)
+    os.environ[plugin.ENV_SWITCH] = "1"
+    plugin.register()  # what vLLM's plugin loader calls in a fresh process
+    engines["lora_ext"] = LLM(**common, **lora_args)
+    engines["no_lora"] = LLM(**common, enable_lora=False)
+
     requests = [LoRARequest(f"a{i}", i + 1, str(p)) for i, p in enumerate(adapters)]
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, ignore_eos=True)
+    mixes = _mixes(adapters)
 
-    def run(mix):
-        rows = _mixes(adapters)[mix]
+    def run(variant, mix):
+        rows = mixes[mix]
         prompts = [{"prompt_token_ids": tokenizer(llm.format_prompt(tokenizer, p), add_special_tokens=False).input_ids}
                    for p, _ in rows]
-        loras = [requests[a] if (lora and a is not None) else None for _, a in rows]
+        use_lora = variant != "no_lora"
+        loras = [requests[a] if (use_lora and a is not None) else None for _, a in rows]
         start = time.perf_counter()
-        outs = engine.generate(prompts, params, lora_request=loras, use_tqdm=False)
+        outs = engines[variant].generate(prompts, params, lora_request=loras, use_tqdm=False)
         seconds = time.perf_counter() - start
         return seconds, [list(o.outputs[0].token_ids) for o in outs]
 
-    result = {m: {"seconds": [], "tokens": None} for m in MIXES}
+    result = {v: {m: {"seconds": [], "tokens": None} for m in MIXES} for v in VARIANTS}
     for m in MIXES:  # warm-up: loads the adapters into their slots
-        result[m]["tokens"] = run(m)[1]
+        for v in VARIANTS:
+            result[v][m]["tokens"] = run(v, m)[1]
     for _ in range(reps):
         for m in MIXES:
-            seconds, tokens = run(m)
-            result[m]["seconds"].append(seconds)
-            assert tokens == result[m]["tokens"], "greedy outputs changed between repetitions"
-    result["rows"] = {m: [a for _, a in rows] for m, rows in _mixes(adapters).items()}
+            for v in VARIANTS:
+                seconds, tokens = run(v, m)
+                result[v][m]["seconds"].append(seconds)
+                result[v][m]["same_tokens_every_rep"] = result[v][m].get("same_tokens_every_rep", True) and \
+                    tokens == result[v][m]["tokens"]
+    result["rows"] = {m: [a for _, a in rows] for m, rows in mixes.items()}
     Path(out).write_text(json.dumps(result))
 
 
 def run_all(reps: int, work: Path, python: str = sys.executable, log=sys.stderr) -> dict:
-    """Every (dtype, variant) in its own process; returns their results by dtype and variant."""
+    """One process per dtype (three engines each); returns results by dtype, then variant."""
     adapter_dir = work / "adapters"
     make_adapters(adapter_dir)
     env = dict(os.environ)
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     results: dict = {}
     for dtype in DTYPES:
-        for variant in VARIANTS:
-            out = work / f"{dtype}-{variant}.json"
-            env["LORA_EXT_VLLM"] = "1" if variant == "lora_ext" else "0"
-            print(f"W10: {dtype} {variant} ...", file=log, flush=True)
-            proc = subprocess.run([python, __file__, variant, dtype, str(reps), str(out), str(adapter_dir)],
-                                  env=env, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"W10 {dtype} {variant} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
-            logs = proc.stdout + proc.stderr
-            expected = "Using LoRAExtPunicaWrapper." if variant == "lora_ext" else "Using PunicaWrapperCPU."
-            if variant != "no_lora" and expected not in logs:
-                raise RuntimeError(f"W10 {dtype} {variant}: vLLM did not log '{expected}'")
-            results.setdefault(dtype, {})[variant] = json.loads(out.read_text())
+        out = work / f"{dtype}.json"
+        print(f"W10: {dtype} ...", file=log, flush=True)
+        proc = subprocess.run([python, __file__, dtype, str(reps), str(out), str(adapter_dir)],
+                              env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"W10 {dtype} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
+        # vLLM logs the wrapper each LoRA engine uses; vllm_lora's engine is built first.
+        logs = proc.stdout + proc.stderr
+        used = [line.split("Using ", 1)[1].strip() for line in logs.splitlines()
+                if "punica_selector" in line and "Using " in line]
+        if used != ["PunicaWrapperCPU.", "LoRAExtPunicaWrapper."]:
+            raise RuntimeError(f"W10 {dtype}: unexpected punica wrappers {used}")
+        results[dtype] = json.loads(out.read_text())
     return results
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5])
+    _worker(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4])
