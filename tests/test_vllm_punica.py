@@ -185,3 +185,29 @@ def test_import_lora_ext_does_not_import_vllm():
     code = "import sys, lora_ext; assert 'vllm' not in sys.modules, 'vllm imported'; print('ok')"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_add_inputs_false_overwrites_and_other_dtypes_fall_back():
+    """vLLM's dual-stream path passes add_inputs=False; LoRA weights in another dtype than
+    the activations (vLLM's lora_dtype) take vLLM's own ops, with the same result."""
+    rng = random.Random(3)
+    gen = torch.Generator().manual_seed(3)
+    slots, output_slices = 4, (64, 32)
+    mapping, lora_index_to_id = _mapping(num_seqs=7, slots=slots, prefill=False, rng=rng, free_slot=slots - 1)
+    wrapper = plugin.LoRAExtPunicaWrapper(256, 32, "cpu")
+    wrapper.update_metadata(mapping, lora_index_to_id, slots, VOCAB)
+    lora_a, lora_b = _stacks(48, 8, slots, output_slices, torch.float32, gen)
+    x = torch.randn(len(mapping.index_mapping), 48, generator=gen)
+
+    y = torch.randn(x.size(0), sum(output_slices), generator=gen)
+    wrapper.add_lora_linear(y, x, lora_a, lora_b, 1.0, output_slices, add_inputs=False)
+    assert_close_to_ref(y, _reference(wrapper, torch.zeros_like(y), x, lora_a, lora_b, 1.0, output_slices), torch.float32)
+
+    a16 = tuple(t.to(torch.bfloat16) for t in lora_a)
+    b16 = tuple(t.to(torch.bfloat16) for t in lora_b)
+    for t in a16 + b16:  # the free slot vLLM's torch ops read for rows without LoRA
+        t[-1].zero_()
+    y = torch.randn(x.size(0), sum(output_slices), generator=gen)
+    expected = _reference(wrapper, y, x, a16, b16, 1.0, output_slices)
+    wrapper.add_lora_linear(y, x, a16, b16, 1.0, output_slices)
+    assert_close_to_ref(y, expected, torch.float32)
