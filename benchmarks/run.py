@@ -589,8 +589,9 @@ def w10_vllm(args) -> dict:
 
     desc = (f"vLLM {w10.REQUESTS} requests x {w10.NEW_TOKENS} generated tokens on SmolLM2-135M, "
             f"max_loras={w10.MAX_LORAS}, r={w10.RANK} on q,k,v,o; mix3: the 3 shipped adapters + base rows "
-            f"(8 each), mix16: 16 adapters + 2 base rows; per dtype one process holds the three engines, "
-            f"timed in turn, repetition after repetition")
+            f"(8 each), mix16: 16 adapters + 2 base rows; per dtype one process holds the four engines "
+            f"(lora_skipped: LoRA on, linear-layer LoRA math skipped, a floor), timed in turn, "
+            f"repetition after repetition")
     names = [f"{v} {d} {m}" for d in w10.DTYPES for m in w10.MIXES for v in w10.VARIANTS]
     if importlib.util.find_spec("vllm") is None:
         return _not_yet("W10", desc, names, f"{NOT_YET}: vLLM is not installed (scripts/setup_vllm.sh)")
@@ -610,6 +611,7 @@ def w10_vllm(args) -> dict:
             tps = {v: tokens / (_quantile(res[d][v][m]["seconds"], 0.5)) for v in w10.VARIANTS}
             extra[f"lora_ext_over_no_lora_{d}_{m}"] = tps["lora_ext"] / tps["no_lora"]
             extra[f"vllm_lora_over_no_lora_{d}_{m}"] = tps["vllm_lora"] / tps["no_lora"]
+            extra[f"lora_skipped_over_no_lora_{d}_{m}"] = tps["lora_skipped"] / tps["no_lora"]
             rows = res[d]["rows"][m]
             extra[f"greedy_tokens_same_every_rep_{d}_{m}"] = all(
                 res[d][v][m]["same_tokens_every_rep"] for v in w10.VARIANTS)

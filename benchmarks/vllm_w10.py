@@ -2,8 +2,9 @@
 """W10: vLLM offline throughput on SmolLM2-135M, with and without lora_ext's plugin.
 
 Variants: ``no_lora`` (vLLM, LoRA off), ``vllm_lora`` (vLLM's own LoRA path, the
-plugin switched off) and ``lora_ext`` (the plugin), as three engines in one process
-per dtype, timed in turn, repetition after repetition. Two mixes of 32 requests x 64
+plugin switched off), ``lora_ext`` (the plugin) and ``lora_skipped`` (a floor: LoRA
+on, the linear layers' LoRA math skipped), as four engines in one process per dtype,
+timed in turn, repetition after repetition. Two mixes of 32 requests x 64
 generated tokens (EOS ignored, so every variant makes the same number of tokens): the
 3 shipped adapters + base rows, and 16 distinct adapters (the 3 shipped + 13 random
 ones of the same shape) + base rows, with ``max_loras=16``.
@@ -23,7 +24,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("no_lora", "vllm_lora", "lora_ext")
+VARIANTS = ("no_lora", "vllm_lora", "lora_ext", "lora_skipped")
+# lora_skipped: LoRA on and adapters loaded, but the wrapper's add_lora_linear does
+# nothing (wrong outputs): what vLLM's own LoRA bookkeeping costs, a floor for any kernel.
 DTYPES = ("float32", "bfloat16")
 REQUESTS, NEW_TOKENS, MAX_LORAS, RANK = 32, 64, 16, 8
 MIXES = ("mix3", "mix16")
@@ -68,7 +71,9 @@ def _worker(dtype: str, reps: int, out: str, adapter_dir: str) -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
     from vllm.lora.request import LoRARequest
+    from vllm.platforms import current_platform
 
     from lora_ext import llm
     from lora_ext.integrations import vllm as plugin
@@ -90,6 +95,13 @@ def _worker(dtype: str, reps: int, out: str, adapter_dir: str) -> None:
     plugin.register()  # what vLLM's plugin loader calls in a fresh process
     engines["lora_ext"] = LLM(**common, **lora_args)
     engines["no_lora"] = LLM(**common, enable_lora=False)
+    platform = type(current_platform)
+    named = platform.get_punica_wrapper
+    globals()["SkippedLinearLoRA"] = type("SkippedLinearLoRA", (PunicaWrapperCPU,), {
+        "__module__": "__main__", "add_lora_linear": lambda self, *args, **kwargs: None})
+    platform.get_punica_wrapper = classmethod(lambda cls: "__main__.SkippedLinearLoRA")
+    engines["lora_skipped"] = LLM(**common, **lora_args)
+    platform.get_punica_wrapper = named
 
     requests = [LoRARequest(f"a{i}", i + 1, str(p)) for i, p in enumerate(adapters)]
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, ignore_eos=True)
@@ -122,7 +134,7 @@ def _worker(dtype: str, reps: int, out: str, adapter_dir: str) -> None:
 
 
 def run_all(reps: int, work: Path, python: str = sys.executable, log=sys.stderr) -> dict:
-    """One process per dtype (three engines each); returns results by dtype, then variant."""
+    """One process per dtype (four engines each); returns results by dtype, then variant."""
     adapter_dir = work / "adapters"
     make_adapters(adapter_dir)
     env = dict(os.environ)
@@ -139,7 +151,7 @@ def run_all(reps: int, work: Path, python: str = sys.executable, log=sys.stderr)
         logs = proc.stdout + proc.stderr
         used = [line.split("Using ", 1)[1].strip() for line in logs.splitlines()
                 if "punica_selector" in line and "Using " in line]
-        if used != ["PunicaWrapperCPU.", "LoRAExtPunicaWrapper."]:
+        if used != ["PunicaWrapperCPU.", "LoRAExtPunicaWrapper.", "SkippedLinearLoRA."]:
             raise RuntimeError(f"W10 {dtype}: unexpected punica wrappers {used}")
         results[dtype] = json.loads(out.read_text())
     return results
