@@ -42,6 +42,26 @@ void check_same_device(const at::Tensor& ref, const char* ref_name, const at::Te
               ref_name, " is on ", ref.device(), "; all tensors must be on one device");
 }
 
+// An in-place output must not share bytes with an input: results would depend on the
+// order of writes (and race between CUDA blocks).
+void check_no_shared_memory(const at::Tensor& written, const char* written_name,
+                            const at::Tensor& t, const char* op, const char* name) {
+  if (written.numel() == 0 || t.numel() == 0 || !written.has_storage() || !t.has_storage() ||
+      !written.storage().is_alias_of(t.storage())) {
+    return;
+  }
+  auto byte_range = [](const at::Tensor& x) {
+    int64_t last = 0;  // offset of the last element, in elements
+    for (int64_t d = 0; d < x.dim(); ++d) last += (x.size(d) - 1) * x.stride(d);
+    const auto* p = static_cast<const char*>(x.const_data_ptr());
+    return std::pair{p, p + (last + 1) * x.element_size()};
+  };
+  const auto [w0, w1] = byte_range(written);
+  const auto [t0, t1] = byte_range(t);
+  TORCH_CHECK(w1 <= t0 || t1 <= w0, op, ": ", name, " shares memory with ", written_name,
+              ", which is written in place; pass a copy (", name, ".clone())");
+}
+
 void check_index_dtype(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, op, ": ", name,
               " must be int32 or int64, got ", t.scalar_type());
@@ -207,9 +227,13 @@ void check_merge_args(const at::Tensor& weight, const at::Tensor& lora_a,
   check_same_dtype(weight, "weight", lora_b, op, "lora_b");
   check_same_device(weight, "weight", lora_a, op, "lora_a");
   check_same_device(weight, "weight", lora_b, op, "lora_b");
-  TORCH_CHECK(weight.is_contiguous(), op,
-              ": weight must be contiguous (it is updated in place), got strides ",
-              weight.strides());
+  // In place through a row stride: a column slice of a wider matrix is fine.
+  TORCH_CHECK((weight.size(1) <= 1 || weight.stride(1) == 1) &&
+                  (weight.size(0) <= 1 || weight.stride(0) >= weight.size(1)),
+              op, ": weight must have unit column stride and non-overlapping rows (row stride "
+              ">= in; it is updated in place), got strides ", weight.strides());
+  check_no_shared_memory(weight, "weight", lora_a, op, "lora_a");
+  check_no_shared_memory(weight, "weight", lora_b, op, "lora_b");
 }
 
 void check_merge_residual(const at::Tensor& weight, const at::Tensor& residual) {
@@ -220,6 +244,7 @@ void check_merge_residual(const at::Tensor& weight, const at::Tensor& residual) 
               weight.sizes(), ", got ", residual.sizes());
   TORCH_CHECK(residual.is_contiguous(), op, ": residual must be contiguous");
   check_same_device(weight, "weight", residual, op, "residual");
+  check_no_shared_memory(weight, "weight", residual, op, "residual");
 }
 
 void check_unmerge_exact_args(const at::Tensor& weight, const at::Tensor& lora_a,

@@ -62,4 +62,8 @@ void check_unmerge_exact_args(const at::Tensor& weight, const at::Tensor& lora_a
                               const at::Tensor& overflow_index,
                               const at::Tensor& overflow_values);
 
+// weight.flatten()[index] = values for a weight whose rows may be strided (index counts
+// row * in + col): the exact unmerge's last step, on every backend (csrc/cpu/merge.cpp).
+void restore_overflow(at::Tensor& weight, const at::Tensor& index, const at::Tensor& values);
+
 }  // namespace lora_ext

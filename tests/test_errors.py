@@ -123,10 +123,10 @@ def test_merge_rejects_and_leaves_weight_untouched(op, case):
     assert torch.equal(args["weight"], before)
 
 
-def test_merge_rejects_non_contiguous_weight():
-    weight = torch.randn(8, 5).t()
+def test_merge_rejects_weight_without_unit_column_stride():
+    weight = torch.randn(8, 5).t()  # columns 8 apart (strided rows are fine: test_merge_guards)
     before = weight.clone()
-    with pytest.raises(RuntimeError, match="weight must be contiguous"):
+    with pytest.raises(RuntimeError, match="weight must have unit column stride"):
         ops.merge_(weight, torch.randn(2, 8), torch.randn(5, 2), 1.0)
     assert torch.equal(weight, before)
 

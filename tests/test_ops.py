@@ -308,8 +308,8 @@ def _opcheck_samples(device):
     w, la, lb = make_merge(20, 24, 4, device, torch.float32)
     grad = torch.randn(11, 20, device=device)
     residual = torch.empty(w.shape, dtype=torch.int8, device=device)
-    w_exact = w.clone()
-    oidx, ovals = ops.merge_exact_(w_exact, la, lb, 0.5, residual.clone())
+    w_exact, exact_residual = w.clone(), residual.clone()
+    oidx, ovals = ops.merge_exact_(w_exact, la, lb, 0.5, exact_residual)
     return {
         "lora_linear": (x, w, None, la, lb, 0.5),
         "lora_linear_bias_grad": (xr, w, torch.randn(20, device=device), la, lb, 0.5),
@@ -322,7 +322,7 @@ def _opcheck_samples(device):
         "merge_": (w.clone(), la, lb, 0.5),
         "unmerge_": (w.clone(), la, lb, 0.5),
         "merge_exact_": (w.clone(), la, lb, 0.5, residual.clone()),
-        "unmerge_exact_": (w_exact, la, lb, 0.5, residual, oidx, ovals),
+        "unmerge_exact_": (w_exact, la, lb, 0.5, exact_residual, oidx, ovals),
     }
 
 

@@ -290,10 +290,26 @@ struct Impl {
   // The exact modes work element by element on d (already scaled); merge and
   // unmerge compute d with the same code, so unmerge sees the same bits.
   static int64_t apply_exact(T* w, int8_t* res, const Acc* d, int64_t count, MergeMode mode,
-                             int64_t base_offset, int64_t* overflow_offset, T* overflow_value) {
+                             int64_t base_offset, int64_t* overflow_offset, T* overflow_value,
+                             int64_t overflow_count) {
     int64_t overflows = 0;
     for (int64_t i = 0; i < count; ++i) {
-      if (mode == MergeMode::kExactMerge) {
+      if (mode == MergeMode::kExactVerify) {
+        // Undo, then redo the merge: only the weight merge_exact_ left gives itself back.
+        const T back = static_cast<T>(to_acc(w[i]) - d[i]);
+        T original = from_ord(ord(back) + res[i]);
+        if (res[i] == -128) {
+          const int64_t* begin = overflow_offset;
+          const int64_t* end = begin + overflow_count;
+          const int64_t* hit = std::lower_bound(begin, end, base_offset + i);
+          if (hit == end || *hit != base_offset + i) {
+            ++overflows;
+            continue;
+          }
+          original = overflow_value[hit - begin];
+        }
+        overflows += ord(static_cast<T>(to_acc(original) + d[i])) != ord(w[i]);
+      } else if (mode == MergeMode::kExactMerge) {
         const T old = w[i];
         const T merged = static_cast<T>(to_acc(old) + d[i]);
         const T back = static_cast<T>(to_acc(merged) - d[i]);
@@ -381,10 +397,12 @@ struct Impl {
   }
 
   template <int ROWS>
-  static int64_t merge_block(T* w, int8_t* residual, int64_t in, const Acc* a, const Acc* b,
-                             int64_t rank, const uint32_t* a_pairs, const uint32_t* b_pairs,
-                             Acc scale, MergeMode mode, int64_t row0, int64_t* overflow_offset,
-                             T* overflow_value) {
+  static int64_t merge_block(T* w, int64_t ldw, int8_t* residual, int64_t in, const Acc* a,
+                             const Acc* b, int64_t rank, const uint32_t* a_pairs,
+                             const uint32_t* b_pairs, Acc scale, MergeMode mode, int64_t row0,
+                             int64_t* overflow_offset, T* overflow_value,
+                             int64_t overflow_count) {
+    const bool verify = mode == MergeMode::kExactVerify;
     constexpr int64_t kCols = 2 * kVL;
     const Vec vscale(scale);
     int64_t overflows = 0;
@@ -402,7 +420,7 @@ struct Impl {
       if (mode == MergeMode::kAdd && ncols == kCols) {
 #pragma GCC unroll 16
         for (int r = 0; r < ROWS; ++r) {
-          T* wr = w + r * in + k;
+          T* wr = w + r * ldw + k;
           Vec w0, w1;
           load2(wr, w0, w1);
           store2(wr, at::vec::fmadd(acc[r][0], vscale, w0), at::vec::fmadd(acc[r][1], vscale, w1));
@@ -416,33 +434,40 @@ struct Impl {
         (acc[r][1] * vscale).store(d[r] + kVL);
       }
       for (int r = 0; r < ROWS; ++r) {
-        T* wr = w + r * in + k;
+        T* wr = w + r * ldw + k;
         if (mode == MergeMode::kAdd) {
           for (int64_t c = 0; c < ncols; ++c) wr[c] = static_cast<T>(to_acc(wr[c]) + d[r][c]);
         } else {
+          // Verification reads the whole overflow list; the merge appends to its slice.
           overflows += apply_exact(wr, residual + r * in + k, d[r], ncols, mode,
-                                   (row0 + r) * in + k, overflow_offset + overflows,
-                                   overflow_value + overflows);
+                                   (row0 + r) * in + k,
+                                   verify ? overflow_offset : overflow_offset + overflows,
+                                   verify ? overflow_value : overflow_value + overflows,
+                                   overflow_count);
         }
       }
     }
     return overflows;
   }
 
-  static int64_t merge_tile(T* w, int8_t* residual, int64_t nrows, int64_t in, const Acc* a,
-                            const Acc* b, int64_t rank, const uint32_t* a_pairs,
+  static int64_t merge_tile(T* w, int64_t ldw, int8_t* residual, int64_t nrows, int64_t in,
+                            const Acc* a, const Acc* b, int64_t rank, const uint32_t* a_pairs,
                             const uint32_t* b_pairs, Acc scale, MergeMode mode,
-                            int64_t* overflow_offset, T* overflow_value) {
+                            int64_t* overflow_offset, T* overflow_value,
+                            int64_t overflow_count) {
+    const bool verify = mode == MergeMode::kExactVerify;
     // Eight rows share each load of `a` with 32 vector registers (16 accumulators), four with 16.
     constexpr int kRows = kMaxRows * 2;
     int64_t overflows = 0;
     int64_t r = 0;
     auto step = [&](auto rows_tag) {
       constexpr int R = decltype(rows_tag)::value;
-      overflows += merge_block<R>(w + r * in, residual ? residual + r * in : nullptr, in, a,
-                                  b + r * rank, rank, a_pairs,
+      overflows += merge_block<R>(w + r * ldw, ldw, residual ? residual + r * in : nullptr, in,
+                                  a, b + r * rank, rank, a_pairs,
                                   b_pairs ? b_pairs + r * ((rank + 1) / 2) : nullptr, scale, mode,
-                                  r, overflow_offset + overflows, overflow_value + overflows);
+                                  r, verify ? overflow_offset : overflow_offset + overflows,
+                                  verify ? overflow_value : overflow_value + overflows,
+                                  overflow_count);
       r += R;
     };
     while (r + kRows <= nrows) step(std::integral_constant<int, kRows>{});

@@ -17,6 +17,8 @@ enum class MergeMode : int {
   kAdd,           // w = round(w + d)      (merge_, and unmerge_ with a negated scale)
   kExactMerge,    // w = round(w + d), and residual/overflow record how to undo it
   kExactUnmerge,  // w = round(w - d) corrected by residual (overflow applied by caller)
+  kExactVerify,   // writes nothing: counts elements that kExactUnmerge would not restore
+                  // to a value whose merge gives w back (the weight changed since)
 };
 
 // Accumulation type: fp32 for float/half/bfloat16, fp64 for double (used by gradcheck).
@@ -59,10 +61,15 @@ struct MicroKernels {
   // With bf16_pairs, a_pairs [ceil(rank/2)][in] and b_pairs [nrows][ceil(rank/2)] hold
   // the same factors as bf16 pairs along the rank (low half: the even rank index; an odd
   // rank is padded with a zero); otherwise both are null.
-  int64_t (*merge_tile)(T* w, int8_t* residual, int64_t nrows, int64_t in, const Acc* a,
-                        const Acc* b, int64_t rank, const uint32_t* a_pairs,
+  // Weight rows are ldw apart (>= in); residual rows are in apart. Returns the number of
+  // overflow elements (kExactMerge: their flat offsets row * in + col and original
+  // values are written to overflow_offset/overflow_value) or, for kExactVerify, of
+  // mismatching elements (overflow_offset/overflow_value then hold the merge's overflow
+  // list, overflow_count entries sorted by offset, read only).
+  int64_t (*merge_tile)(T* w, int64_t ldw, int8_t* residual, int64_t nrows, int64_t in,
+                        const Acc* a, const Acc* b, int64_t rank, const uint32_t* a_pairs,
                         const uint32_t* b_pairs, Acc scale, MergeMode mode,
-                        int64_t* overflow_offset, T* overflow_value);
+                        int64_t* overflow_offset, T* overflow_value, int64_t overflow_count);
 };
 
 template <typename T>

@@ -7,7 +7,8 @@
 // recomputes the same d and sets ord(round(w' - d)) + c. d, w' and w' - d are formed
 // with explicitly rounded fp32 operations (no contraction into fma) by one shared
 // code path, so merge and unmerge see the same bits. Elements with |c| > 127 get
-// c = -128 and are returned as (flat index, original value).
+// c = -128 and are returned as (flat index, original value). Unmerge first verifies,
+// writing nothing, that redoing the merge from the restored values gives the weight back.
 #include "cuda/common.cuh"
 #include "dispatch.h"
 #include "ops.h"
@@ -22,16 +23,25 @@ enum class Mode : int {
   kExactResidual, // residual = correction only, weight untouched
   kExactMerge,    // w = w' (the same w' kExactResidual used)
   kExactUnmerge,  // w = from_ord(ord(round(w - d)) + residual)
+  kExactVerify,   // writes nothing: counts elements kExactUnmerge would not restore to a
+                  // value whose merge gives w back (the weight changed since the merge)
 };
 
 template <typename T, Mode kMode>
 struct MergeProblem {
-  T* w;
+  T* w;        // [out, in], rows ldw apart
   const T* a;  // [r, in]
   const T* b;  // [out, r]
-  int8_t* residual;
+  int8_t* residual;  // [out, in], contiguous
   int64_t out, in, r, n_tiles;
   acc_t<T> scale;
+  int64_t ldw;
+  // kExactVerify: the merge's overflow list (flat offsets row * in + col, sorted) and
+  // the count of mismatching elements.
+  const int64_t* overflow_index;
+  const T* overflow_values;
+  int64_t overflow_count;
+  unsigned long long* mismatches;
 
   static constexpr bool kPKContig = true, kQKContig = false, kReadsOut = true;
   using Acc = acc_t<T>;
@@ -52,22 +62,43 @@ struct MergeProblem {
   }
   __device__ Acc p(const Tile& t, int m, int64_t k) const { return to_acc(b[(t.m0 + m) * r + k]); }
   __device__ Acc q(const Tile& t, int64_t k, int n) const { return to_acc(a[k * in + t.n0 + n]); }
-  __device__ T load_out(const Tile& t, int m, int n) const { return w[(t.m0 + m) * in + t.n0 + n]; }
+  __device__ T load_out(const Tile& t, int m, int n) const { return w[(t.m0 + m) * ldw + t.n0 + n]; }
 
   __device__ void store(const Tile& t, int m, int n, Acc acc, T old) const {
-    const int64_t off = (t.m0 + m) * in + t.n0 + n;
+    const int64_t woff = (t.m0 + m) * ldw + t.n0 + n;
+    const int64_t off = (t.m0 + m) * in + t.n0 + n;  // residual / logical flat offset
     if constexpr (kMode == Mode::kAdd) {
-      w[off] = from_acc<T>(fma_acc(acc, scale, to_acc(old)));
+      w[woff] = from_acc<T>(fma_acc(acc, scale, to_acc(old)));
     } else {
       const Acc d = mul_rn(acc, scale);
-      if constexpr (kMode == Mode::kExactUnmerge) {
+      if constexpr (kMode == Mode::kExactVerify) {
+        // Undo, then redo the merge: only the weight merge_exact_ left gives itself back.
         const T back = from_acc<T>(sub_rn(to_acc(old), d));
         const int8_t c = residual[off];
-        w[off] = c == -128 ? back : Bits<T>::from_ord(Bits<T>::ord(back) + c);
+        T original = Bits<T>::from_ord(Bits<T>::ord(back) + c);
+        if (c == -128) {
+          int64_t lo = 0, hi = overflow_count;  // binary search for off
+          while (lo < hi) {
+            const int64_t mid = (lo + hi) / 2;
+            if (overflow_index[mid] < off) lo = mid + 1; else hi = mid;
+          }
+          if (lo == overflow_count || overflow_index[lo] != off) {
+            atomicAdd(mismatches, 1ull);
+            return;
+          }
+          original = overflow_values[lo];
+        }
+        if (Bits<T>::ord(from_acc<T>(add_rn(to_acc(original), d))) != Bits<T>::ord(old)) {
+          atomicAdd(mismatches, 1ull);
+        }
+      } else if constexpr (kMode == Mode::kExactUnmerge) {
+        const T back = from_acc<T>(sub_rn(to_acc(old), d));
+        const int8_t c = residual[off];
+        w[woff] = c == -128 ? back : Bits<T>::from_ord(Bits<T>::ord(back) + c);
       } else {
         const T merged = from_acc<T>(add_rn(to_acc(old), d));
         if constexpr (kMode == Mode::kExactMerge) {
-          w[off] = merged;
+          w[woff] = merged;
         } else {
           const T back = from_acc<T>(sub_rn(to_acc(merged), d));
           const int64_t c = Bits<T>::ord(old) - Bits<T>::ord(back);
@@ -81,25 +112,52 @@ struct MergeProblem {
 // Rows of 128 consecutive columns per warp: coalesced weight traffic.
 using MergeShape = TileShape<32, 128, 16, 4, 4>;
 
+// kExactVerify: `overflow` is the merge's (sorted index, values) list; returns the
+// number of mismatching elements (a host sync). Other modes return 0.
 template <Mode kMode>
-void merge_pass(at::Tensor& weight, const at::Tensor& lora_a_in, const at::Tensor& lora_b_in,
-                double scale, int8_t* residual) {
+int64_t merge_pass(at::Tensor& weight, const at::Tensor& lora_a_in, const at::Tensor& lora_b_in,
+                   double scale, int8_t* residual,
+                   const std::tuple<at::Tensor, at::Tensor>* overflow = nullptr) {
   const int64_t out = weight.size(0), in = weight.size(1), r = lora_a_in.size(0);
-  if (out == 0 || in == 0) return;
+  if (out == 0 || in == 0) return 0;
   const at::Tensor a = lora_a_in.contiguous(), b = lora_b_in.contiguous();
   const int64_t n_tiles = ceil_div(in, MergeShape::kBN);
+  const int64_t ldw = out > 1 ? weight.stride(0) : in;
+  at::Tensor counter, ov_index, ov_values;
+  if constexpr (kMode == Mode::kExactVerify) {
+    counter = at::zeros({1}, weight.options().dtype(at::kLong));
+    ov_index = std::get<0>(*overflow).contiguous();
+    ov_values = std::get<1>(*overflow).contiguous();
+  }
   LORA_EXT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "merge_", [&] {
-    const MergeProblem<scalar_t, kMode> prob{weight.mutable_data_ptr<scalar_t>(),
-                                         a.const_data_ptr<scalar_t>(),
-                                         b.const_data_ptr<scalar_t>(),
-                                         residual,
-                                         out,
-                                         in,
-                                         r,
-                                         n_tiles,
-                                         static_cast<acc_t<scalar_t>>(scale)};
+    const bool verify = kMode == Mode::kExactVerify;
+    const MergeProblem<scalar_t, kMode> prob{
+        verify ? const_cast<scalar_t*>(weight.const_data_ptr<scalar_t>())
+               : weight.mutable_data_ptr<scalar_t>(),
+        a.const_data_ptr<scalar_t>(),
+        b.const_data_ptr<scalar_t>(),
+        residual,
+        out,
+        in,
+        r,
+        n_tiles,
+        static_cast<acc_t<scalar_t>>(scale),
+        ldw,
+        verify ? ov_index.const_data_ptr<int64_t>() : nullptr,
+        verify ? ov_values.const_data_ptr<scalar_t>() : nullptr,
+        verify ? ov_index.numel() : 0,
+        verify ? reinterpret_cast<unsigned long long*>(counter.mutable_data_ptr<int64_t>())
+               : nullptr};
     launch_tiled<MergeShape>(prob, ceil_div(out, MergeShape::kBM) * n_tiles);
   });
+  return kMode == Mode::kExactVerify ? counter.item<int64_t>() : 0;
+}
+
+// weight.flatten()[index] for a weight whose rows may be strided.
+at::Tensor gather_flat(const at::Tensor& weight, const at::Tensor& index) {
+  if (weight.is_contiguous()) return weight.view({-1}).index_select(0, index);
+  const int64_t in = weight.size(1);
+  return weight.index({index.div(in, "floor"), index.remainder(in)});
 }
 
 }  // namespace
@@ -129,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor> merge_exact_(at::Tensor& weight, const at::Te
   merge_pass<Mode::kExactResidual>(weight, lora_a, lora_b, scale,
                                    residual.mutable_data_ptr<int8_t>());
   const at::Tensor index = at::nonzero(residual.view({-1}).eq(-128)).view({-1});
-  const at::Tensor values = weight.view({-1}).index_select(0, index);
+  const at::Tensor values = gather_flat(weight, index);
   merge_pass<Mode::kExactMerge>(weight, lora_a, lora_b, scale, nullptr);
   return {index, values};
 }
@@ -139,9 +197,18 @@ void unmerge_exact_(at::Tensor& weight, const at::Tensor& lora_a, const at::Tens
                     const at::Tensor& overflow_values) {
   check_unmerge_exact_args(weight, lora_a, lora_b, residual, overflow_index, overflow_values);
   const c10::cuda::CUDAGuard guard(weight.device());
-  merge_pass<Mode::kExactUnmerge>(weight, lora_a, lora_b, scale,
-                                  const_cast<int8_t*>(residual.const_data_ptr<int8_t>()));
-  weight.view({-1}).index_copy_(0, overflow_index, overflow_values);
+  int8_t* res = const_cast<int8_t*>(residual.const_data_ptr<int8_t>());
+  // Before writing anything: every element must still be what the merge produced.
+  const auto [sorted_index, order] = overflow_index.sort();
+  const std::tuple<at::Tensor, at::Tensor> overflow{sorted_index, overflow_values.index_select(0, order)};
+  const int64_t mismatches =
+      merge_pass<Mode::kExactVerify>(weight, lora_a, lora_b, scale, res, &overflow);
+  TORCH_CHECK(mismatches == 0, "unmerge_exact_: ", mismatches, " of ", weight.numel(),
+              " weight elements are not what merge_exact_ produced with these lora_a, lora_b, "
+              "scale and residual (the weight, the factors or the residual changed since the "
+              "merge, or it was made on another device or kernel variant); weight is unchanged");
+  merge_pass<Mode::kExactUnmerge>(weight, lora_a, lora_b, scale, res);
+  restore_overflow(weight, overflow_index, overflow_values);
 }
 
 TORCH_LIBRARY_IMPL(lora_ext, CUDA, m) {
