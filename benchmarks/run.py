@@ -670,9 +670,10 @@ def w9_many_adapters(args) -> dict:
     shipped = {name: ROOT / "lora_ext" / "adapters" / name for name in tasks.TASKS}
     config = json.loads((next(iter(shipped.values())) / "adapter_config.json").read_text())
     template = load_file(next(iter(shipped.values())) / "adapter_model.safetensors")
-    gen = torch.Generator().manual_seed(args.seed)
 
-    def synthetic():
+    def synthetic(index):
+        """Random adapter ``index`` (the same tensors each call): nothing kept in between."""
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + index)
         return {k: (torch.randn(v.shape, generator=gen) * v.float().std()).to(v.dtype) for k, v in template.items()}
 
     def with_shipped():
@@ -692,12 +693,12 @@ def w9_many_adapters(args) -> dict:
     rss0 = _rss_bytes()
     lora_ext.reserve_adapters(mid, counts[1])  # the room is part of the growth measured
     for i in range(counts[1] - 3):
-        lora_ext.load_adapter(mid, synthetic(), f"s{i}", config=config)
+        lora_ext.load_adapter(mid, synthetic(i), f"s{i}", config=config)
     rss_mid = _rss_bytes() - rss0
     load_ms = []  # per load from a state dict, in order: N = 3 .. counts[-1] - 1 loaded
-    pending = [synthetic() for _ in range(counts[2] - 3)]  # made first: their memory is not the model's
     rss0 = _rss_bytes()
-    for i, state in enumerate(pending):
+    for i in range(counts[2] - 3):
+        state = synthetic(i)
         t0 = time.perf_counter()
         lora_ext.load_adapter(many, state, f"s{i}", config=config)
         load_ms.append((time.perf_counter() - t0) * 1e3)
@@ -711,30 +712,46 @@ def w9_many_adapters(args) -> dict:
         with lora_ext.set_adapter(model, names):
             return llm.generate(model, tok, prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
 
+    def rounds(fns: dict, count: int) -> tuple[list[dict], dict]:
+        """Time ``fns`` round-robin (rotating who goes first); also each round's time of
+        the first variant over each other's: paired ratios, robust to a busy machine."""
+        ms = {k: [] for k in fns}
+        keys = list(fns)
+        for r in range(count + 1):
+            for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+                t0 = time.perf_counter()
+                fns[k]()
+                if r > 0:  # round 0 warms up
+                    ms[k].append((time.perf_counter() - t0) * 1e3)
+        summary = [{"name": k, "median_ms": _quantile(t, 0.5), "p10_ms": _quantile(t, 0.1),
+                    "p90_ms": _quantile(t, 0.9), "min_ms": min(t), "n": len(t)} for k, t in ms.items()]
+        paired = {k: _quantile([a / b for a, b in zip(ms[keys[0]], ms[k])], 0.5) for k in keys[1:]}
+        return summary, paired
+
     outputs = [generate(m).texts for m in (few, mid, many)]
-    variants = measure(torch.device("cpu"), {
+    variants, paired_generate = rounds({
         f"{counts[0]}_loaded": lambda: generate(few),
         f"{counts[1]}_loaded": lambda: generate(mid),
         f"{counts[2]}_loaded": lambda: generate(many),
-    }, args, reps=args.model_reps, warmup=1)
+    }, max(args.model_reps, 3))
     for v in variants:
         v["tokens_per_s"] = len(prompts) * new_tokens / (v["median_ms"] * 1e-3)
-    # One forward of the same rows (the per-step cost), short calls: many more samples.
-    ids = torch.randint(0, lm.config.vocab_size, (len(names), 32), generator=gen)
+    # One decode-sized forward of the same rows (the per-step cost): many more samples.
+    ids = torch.randint(0, lm.config.vocab_size, (len(names), 4), generator=torch.Generator().manual_seed(0))
 
     def forward(model):
         with torch.no_grad(), lora_ext.set_adapter(model, names):
             return model(ids).logits
 
-    steps = {v["name"]: v for v in measure(torch.device("cpu"), {
-        "few": lambda: forward(few), "mid": lambda: forward(mid), "many": lambda: forward(many),
-    }, args, reps=5 if args.tiny else 40)}
+    steps, paired_forward = rounds({"few": lambda: forward(few), "mid": lambda: forward(mid),
+                                    "many": lambda: forward(many)}, 5 if args.tiny else 60)
+    steps = {v["name"]: v for v in steps}
     progress("timed the mixed generate and forward")
 
     # Load (folder, state dict), delete, replace at N = 3 and N = counts[-1], interleaved.
     reps = 3 if args.tiny else 10
     folder = shipped["upper"]
-    states = [synthetic() for _ in range(reps)]
+    states = [synthetic(10 * counts[2] + i) for i in range(reps)]
     operations = {
         "load_folder": lambda m, i: lora_ext.load_adapter(m, folder, f"f{i}"),
         "delete_folder_loaded": lambda m, i: lora_ext.delete_adapter(m, f"f{i}"),
@@ -764,9 +781,8 @@ def w9_many_adapters(args) -> dict:
     for name, folder in shipped.items():
         lora_ext.load_adapter(many, folder, name, replace=True)  # undo the replacements above
         pool.add(name, folder)  # from disk
-    for i in range(len(pending)):
-        pool.add(f"s{i}", pending[i], config=config)  # host memory (the pool's own copy)
-        pending[i] = None
+    for i in range(counts[2] - 3):
+        pool.add(f"s{i}", synthetic(i), config=config)  # host memory (the pool's own copy)
     all_names = list(pool.names)
     rng = random.Random(args.seed)
     popularity = all_names[:]
@@ -803,9 +819,12 @@ def w9_many_adapters(args) -> dict:
         "adapter_bytes": one_adapter,
         "tokens_per_s_many_over_few": variants[2]["tokens_per_s"] / variants[0]["tokens_per_s"],
         "tokens_per_s_mid_over_few": variants[1]["tokens_per_s"] / variants[0]["tokens_per_s"],
+        "tokens_per_s_many_over_few_paired": paired_generate[variants[2]["name"]],
         "tokens_per_s_many_over_few_best_of_reps": variants[0]["min_ms"] / variants[2]["min_ms"],
         "forward_ms_few_mid_many": "/".join(f"{steps[k]['median_ms']:.1f}" for k in ("few", "mid", "many")),
         "forward_speed_many_over_few": steps["few"]["median_ms"] / steps["many"]["median_ms"],
+        "forward_speed_many_over_few_paired": paired_forward["many"],
+        "forward_speed_mid_over_few_paired": paired_forward["mid"],
         "forward_speed_many_over_few_best_of_reps": steps["few"]["min_ms"] / steps["many"]["min_ms"],
         "stacks_over_adapter_bytes_many_default_growth": many_stacks / many_params,
         "rss_growth_over_adapter_bytes_many_default_growth": rss_many / (len(load_ms) * one_adapter),
@@ -872,8 +891,8 @@ def targets(results: list[dict]) -> list[dict]:
                 if key.startswith("lora_ext_over_no_lora_"):
                     add(r, "tokens/s vs vLLM without LoRA, " + key[len("lora_ext_over_no_lora_"):], value, 0.9, True)
         elif w == "W9":
-            add(r, "tokens/s, many loaded / 3 loaded", e["tokens_per_s_many_over_few"], 0.95, True)
-            add(r, "forward speed, many loaded / 3 loaded", e["forward_speed_many_over_few"], 0.95, True)
+            add(r, "tokens/s, many loaded / 3 loaded (paired rounds)", e["tokens_per_s_many_over_few_paired"], 0.95, True)
+            add(r, "forward speed, many loaded / 3 loaded (paired rounds)", e["forward_speed_many_over_few_paired"], 0.95, True)
             add(r, "stack bytes / adapter bytes, default growth", e["stacks_over_adapter_bytes_many_default_growth"], 1.1, False)
             add(r, "RSS growth / adapter bytes, default growth", e["rss_growth_over_adapter_bytes_many_default_growth"], 1.1, False)
             add(r, "load ms (state dict), many loaded / 3 loaded", e["load_state_dict_ms_many"] / e["load_state_dict_ms_few"], 1.5, False)
