@@ -595,12 +595,17 @@ def w10_vllm(args) -> dict:
     names = [f"{v} {d} {m}" for d in w10.DTYPES for m in w10.MIXES for v in w10.VARIANTS]
     if importlib.util.find_spec("vllm") is None:
         return _not_yet("W10", desc, names, f"{NOT_YET}: vLLM is not installed (scripts/setup_vllm.sh)")
-    work = Path(tempfile.mkdtemp(prefix="lora_ext_w10_"))  # kept on failure, for the raw results
-    res = w10.run_all(args.model_reps, work)
-    shutil.rmtree(work, ignore_errors=True)
+    if args.w10_json:  # per-dtype results vllm_w10.py wrote earlier (DIR/float32.json, ...)
+        res = {d: json.loads((Path(args.w10_json) / f"{d}.json").read_text()) for d in w10.DTYPES
+               if (Path(args.w10_json) / f"{d}.json").is_file()}
+    else:
+        work = Path(tempfile.mkdtemp(prefix="lora_ext_w10_"))  # kept on failure, for the raw results
+        res = w10.run_all(args.model_reps, work)
+        shutil.rmtree(work, ignore_errors=True)
+    desc += f"; dtypes: {', '.join(res)}"
     tokens = w10.REQUESTS * w10.NEW_TOKENS
     variants, extra, check_ok = [], {}, True
-    for d in w10.DTYPES:
+    for d in res:
         for m in w10.MIXES:
             for v in w10.VARIANTS:
                 ms = [s * 1e3 for s in res[d][v][m]["seconds"]]
@@ -1057,6 +1062,7 @@ def main(argv=None) -> int:
     p.add_argument("--cpp", metavar="BIN", help="also run the C++ harness BIN and embed its results")
     p.add_argument("--cpp-json", metavar="FILE", help="embed results the C++ harness wrote earlier (--json)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--w10-json", metavar="DIR", help="W10 from the per-dtype results vllm_w10.py wrote in DIR")
     args = p.parse_args(argv)
     defaults = dict(hidden=4096, rank=16, tokens_decode=64, tokens_prefill=2048, adapters=64, warmup=3, reps=15)
     if args.tiny:
