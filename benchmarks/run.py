@@ -600,7 +600,7 @@ def w10_vllm(args) -> dict:
                if (Path(args.w10_json) / f"{d}.json").is_file()}
     else:
         work = Path(tempfile.mkdtemp(prefix="lora_ext_w10_"))  # kept on failure, for the raw results
-        res = w10.run_all(args.model_reps, work)
+        res = w10.run_all(args.model_reps, work, dtypes=args.w10_dtypes.split(","))
         shutil.rmtree(work, ignore_errors=True)
     desc += f"; dtypes: {', '.join(res)}"
     tokens = w10.REQUESTS * w10.NEW_TOKENS
@@ -614,6 +614,10 @@ def w10_vllm(args) -> dict:
                                  "p90_ms": _quantile(ms, 0.9), "min_ms": min(ms), "n": len(ms),
                                  "tokens_per_s": tokens / (med * 1e-3)})
             tps = {v: tokens / (_quantile(res[d][v][m]["seconds"], 0.5)) for v in w10.VARIANTS}
+            if all("cpu_seconds" in res[d][v][m] for v in w10.VARIANTS):
+                cpu = {v: _quantile(res[d][v][m]["cpu_seconds"], 0.5) for v in w10.VARIANTS}
+                for v in ("lora_ext", "vllm_lora", "lora_skipped"):
+                    extra[f"cpu_time_{v}_over_no_lora_{d}_{m}"] = cpu[v] / cpu["no_lora"]
             extra[f"lora_ext_over_no_lora_{d}_{m}"] = tps["lora_ext"] / tps["no_lora"]
             extra[f"vllm_lora_over_no_lora_{d}_{m}"] = tps["vllm_lora"] / tps["no_lora"]
             extra[f"lora_skipped_over_no_lora_{d}_{m}"] = tps["lora_skipped"] / tps["no_lora"]
@@ -1063,6 +1067,7 @@ def main(argv=None) -> int:
     p.add_argument("--cpp-json", metavar="FILE", help="embed results the C++ harness wrote earlier (--json)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--w10-json", metavar="DIR", help="W10 from the per-dtype results vllm_w10.py wrote in DIR")
+    p.add_argument("--w10-dtypes", default="float32,bfloat16", help="W10's dtypes (default float32,bfloat16)")
     args = p.parse_args(argv)
     defaults = dict(hidden=4096, rank=16, tokens_decode=64, tokens_prefill=2048, adapters=64, warmup=3, reps=15)
     if args.tiny:
