@@ -589,7 +589,7 @@ def w10_vllm(args) -> dict:
 
     desc = (f"vLLM {w10.REQUESTS} requests x {w10.NEW_TOKENS} generated tokens on SmolLM2-135M, "
             f"max_loras={w10.MAX_LORAS}, r={w10.RANK} on q,k,v,o; mix3: the 3 shipped adapters + base rows "
-            f"(8 each), mix16: 16 adapters + 2 base rows; per dtype one process holds the four engines "
+            f"(8 each), mix16: 31 rows over 16 adapters + 1 base row; per dtype one process holds the four engines "
             f"(lora_skipped: LoRA on, linear-layer LoRA math skipped, a floor), timed in turn, "
             f"repetition after repetition")
     names = [f"{v} {d} {m}" for d in w10.DTYPES for m in w10.MIXES for v in w10.VARIANTS]
