@@ -7,6 +7,10 @@ layers. Slots are handed out from a free list and reused; the capacity (slots pe
 stack) grows geometrically, so loading, deleting and replacing an adapter cost O(1)
 in the number loaded, amortised.
 
+Selections are model-wide or *local*: a local one (``with set_adapter(...)``) is kept
+in a :class:`contextvars.ContextVar`, so it applies only to the thread or asyncio task
+that entered the block, and wins over the model-wide one there.
+
 Thread safety: the selection a forward uses is *pinned* for the whole model forward
 (a forward pre-hook on the module that :func:`lora_ext.set_adapter` or a loader was
 given), so replacing or deleting an adapter while another thread runs forwards
@@ -16,7 +20,9 @@ freed only once no pinned forward can still read it.
 
 from __future__ import annotations
 
+import contextvars
 import heapq
+import itertools
 import math
 import threading
 import weakref
@@ -31,6 +37,12 @@ AdapterNames = Union[Optional[str], Sequence[Optional[str]]]
 _GROWTH = 1.25
 # Distinct (input shape, device) index tensors kept per selection.
 _MAX_CACHED_INDICES = 64
+
+# Local selections of this thread / asyncio task: {context key: (selection, generation
+# it was resolved at)}. One variable for all models (a ContextVar per model would be
+# kept alive by every context that ever set it); the dict is replaced, never mutated.
+_LOCAL_SELECTIONS: contextvars.ContextVar[dict] = contextvars.ContextVar("lora_ext_local_selections", default={})
+_context_keys = itertools.count()
 
 
 class _Selection:
@@ -98,6 +110,14 @@ def expand_rows(rows: Tensor, batch: int, tokens: int) -> Tensor:
     return rows.repeat_interleave(batch // rows.shape[0] * tokens)
 
 
+class _ThreadView:
+    """One thread's local selection, as compiled forwards read it."""
+
+    def __init__(self) -> None:
+        self.is_local = False
+        self.selection: Optional[_Selection] = None
+
+
 class _AdapterContext:
     """Slots, capacity and selection shared by all LoRA layers of one model."""
 
@@ -115,7 +135,13 @@ class _AdapterContext:
         self._cond = threading.Condition()  # guards the published selection and pins
         self._generation = 0
         self._published: tuple[int, Optional[_Selection]] = (0, None)
+        self._slots_changed_at = 0  # generation of the last reselect (slots freed or moved)
         self._pins: dict[int, list] = {}  # thread id -> [selection, depth, generation]
+        self._key = next(_context_keys)  # this context's entry in _LOCAL_SELECTIONS
+        # Per thread, a copy of its local selection that compiled forwards read (Dynamo
+        # traces threading.local, not ContextVar); every thread's view, to re-resolve them.
+        self._thread = threading.local()
+        self._views: "weakref.WeakSet[_ThreadView]" = weakref.WeakSet()
 
     # deepcopy / pickle: locks and pins are per process, layers re-register themselves
     def __getstate__(self) -> dict:
@@ -136,7 +162,9 @@ class _AdapterContext:
 
     @property
     def selection(self) -> Optional[_Selection]:
-        return self._published[1]
+        """The selection forwards of this thread / task use: its local one, else the model-wide one."""
+        local = self._local()
+        return local[0] if local is not None else self._published[1]
 
     # -- slots ----------------------------------------------------------------------
     def register(self, layer) -> None:
@@ -178,8 +206,12 @@ class _AdapterContext:
             layer._fit_storage()
 
     # -- selection and pinning ----------------------------------------------------------
+    def resolve(self, names: AdapterNames) -> Optional[_Selection]:
+        return None if names is None else _Selection(names, self.slot_of)
+
     def select(self, names: AdapterNames) -> None:
-        self.publish(None if names is None else _Selection(names, self.slot_of))
+        """Set the model-wide selection."""
+        self.publish(self.resolve(names))
 
     def publish(self, selection: Optional[_Selection]) -> int:
         """Make ``selection`` the one new forwards use; returns its generation."""
@@ -188,21 +220,80 @@ class _AdapterContext:
             self._published = (self._generation, selection)
             return self._generation
 
-    def reselect(self) -> int:
-        """Re-resolve the current selection after slots changed (deleted names -> base)."""
-        old = self.selection
+    def _resolve_again(self, old: Optional[_Selection]) -> Optional[_Selection]:
+        """``old`` against the current slots; adapters deleted since then -> base."""
         if old is None:
-            return self.publish(None)
+            return None
         names = [n if n in self.slot_of else None for n in old.names]
-        names = names if old.per_row else names[0]
-        return self.publish(None if names is None else _Selection(names, self.slot_of))
+        return self.resolve(names if old.per_row else names[0])
+
+    def reselect(self) -> int:
+        """Re-resolve the model-wide selection after slots changed.
+
+        Local selections are re-resolved when next used (:meth:`_local`).
+        """
+        with self._cond:
+            generation = self.publish(self._resolve_again(self._published[1]))
+            self._slots_changed_at = generation
+            for view in list(self._views):
+                if view.is_local:
+                    view.selection = self._resolve_again(view.selection)
+            return generation
+
+    # -- local selections (``with set_adapter(...)``) -----------------------------------
+    def _local(self) -> Optional[tuple[Optional[_Selection], int]]:
+        """This thread's / task's ``(selection, generation)``, re-resolved if slots changed since."""
+        entry = _LOCAL_SELECTIONS.get().get(self._key)
+        if entry is None or entry[1] >= self._slots_changed_at:
+            return entry
+        # A slot it used may have been freed, or reused by another adapter. Stored back:
+        # the block's exit still restores what was there before the block.
+        self.set_local(self._resolve_again(entry[0]))
+        return _LOCAL_SELECTIONS.get()[self._key]
+
+    def has_local(self) -> bool:
+        return self._key in _LOCAL_SELECTIONS.get()
+
+    def set_local(self, selection: Optional[_Selection]) -> contextvars.Token:
+        """Make ``selection`` this thread's / task's; returns the token that undoes it."""
+        entries = dict(_LOCAL_SELECTIONS.get())
+        with self._cond:
+            entries[self._key] = (selection, self._generation)
+            token = _LOCAL_SELECTIONS.set(entries)
+            self._update_thread_view()
+        return token
+
+    def reset_local(self, token: contextvars.Token) -> None:
+        with self._cond:
+            _LOCAL_SELECTIONS.reset(token)
+            self._update_thread_view()
+
+    def _update_thread_view(self) -> None:
+        view = getattr(self._thread, "view", None)
+        if view is None:
+            view = self._thread.view = _ThreadView()
+            self._views.add(view)
+        entry = _LOCAL_SELECTIONS.get().get(self._key)
+        view.is_local = entry is not None
+        view.selection = None if entry is None else entry[0]
+
+    def _current(self) -> tuple[int, Optional[_Selection]]:
+        """``(generation, selection)`` a forward starting now in this thread / task uses."""
+        local = self._local()
+        return self._published if local is None else (self._generation, local[0])
 
     def active_selection(self) -> Optional[_Selection]:
-        """The selection pinned by this thread's running model forward, else the current one."""
+        """The selection pinned by this thread's running model forward, else the current one.
+
+        A compiled model reads its thread's local selection as of the last ``with``
+        entered or left in the thread (asyncio tasks sharing the thread share it), else
+        the model-wide one.
+        """
         if torch.compiler.is_compiling():
-            return self._published[1]
+            view = getattr(self._thread, "view", None)
+            return view.selection if view is not None and view.is_local else self._published[1]
         pin = self._pins.get(threading.get_ident())
-        return pin[0] if pin is not None else self._published[1]
+        return pin[0] if pin is not None else self.selection
 
     def pin(self, *_) -> None:
         """Forward pre-hook of the model: fix the selection for this whole forward."""
@@ -214,7 +305,7 @@ class _AdapterContext:
             if pin is not None:
                 pin[1] += 1
             else:
-                generation, selection = self._published
+                generation, selection = self._current()
                 self._pins[tid] = [selection, 1, generation]
 
     def unpin(self, *_) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dis
+import functools
 import re
+import sys
 from typing import Iterable, Optional, Sequence, Union
 
 from torch import Tensor, nn
@@ -183,19 +186,42 @@ def inject_lora(
 
 
 class AdapterSelection:
-    """Returned by :func:`set_adapter`; as a context manager it restores the previous choice."""
+    """Returned by :func:`set_adapter`.
 
-    def __init__(self, ctx: _AdapterContext, names: AdapterNames):
+    Called plainly, :func:`set_adapter` changes the model-wide selection at once. Used
+    directly as a ``with`` statement's context manager, it changes nothing model-wide:
+    inside the block, forwards run by this thread or asyncio task use the selection,
+    and the block's exit restores what they used before.
+    """
+
+    def __init__(self, ctx: _AdapterContext, names: AdapterNames, local: bool):
         self._ctx = ctx
-        previous = ctx.selection
-        self._previous = None if previous is None else previous.as_argument()
-        ctx.select(names)
+        self._selection = ctx.resolve(names)  # unknown names raise here, in both forms
+        self._local = local
+        self._tokens: list = []
+        if not local:
+            ctx.publish(self._selection)
+            if ctx.has_local():  # inside a block: the caller's own forwards follow too
+                ctx.set_local(self._selection)
 
     def __enter__(self) -> "AdapterSelection":
+        self._tokens.append(self._ctx.set_local(self._selection))
         return self
 
     def __exit__(self, *exc) -> None:
-        self._ctx.select(self._previous)
+        self._ctx.reset_local(self._tokens.pop())
+
+
+# Opcodes that can follow the call in `with set_adapter(...):` (3.10: SETUP_WITH;
+# 3.11-3.13: BEFORE_WITH; 3.14 opens with COPY then LOAD_SPECIAL __exit__).
+_WITH_OPCODES = {"SETUP_WITH", "BEFORE_WITH"}
+
+
+@functools.lru_cache(maxsize=1024)
+def _call_opens_with(code, call_offset: int) -> bool:
+    """Whether the call at ``call_offset`` in ``code`` is the context expression of a ``with``."""
+    following = [i.opname for i in dis.get_instructions(code) if i.offset > call_offset][:2]
+    return bool(following) and (following[0] in _WITH_OPCODES or following == ["COPY", "LOAD_SPECIAL"])
 
 
 def set_adapter(model: nn.Module, names: AdapterNames) -> AdapterSelection:
@@ -205,11 +231,19 @@ def set_adapter(model: nn.Module, names: AdapterNames) -> AdapterSelection:
     list with one entry per batch row (None: that row uses the base model). Token rows
     of a ``[batch, seq, hidden]`` input use their batch row's adapter; a batch k times
     longer than the list (``generate`` with ``num_beams=k``) repeats each entry k times.
-    Also a context manager: ``with set_adapter(model, ["a", None, "b"]): model(...)``.
+
+    A plain call sets the model-wide choice. ``with set_adapter(model, ["a", None, "b"]):``
+    sets it only for the forwards this thread or asyncio task runs inside the block
+    (other threads and tasks keep theirs), and restores it on exit. A compiled model
+    (``torch.compile``) reads the model-wide choice.
     """
     if not _lora_layers(model):
         raise ValueError("the model has no LoRA layers; inject_lora or load_adapter first")
-    return AdapterSelection(_model_context(model), names)
+    caller = sys._getframe(1)
+    # Decided from the caller's bytecode, before anything changes: a model-wide change
+    # undone at __enter__ would leak to other threads in between.
+    local = _call_opens_with(caller.f_code, caller.f_lasti)
+    return AdapterSelection(_model_context(model), names, local)
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:

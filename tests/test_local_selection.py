@@ -1,0 +1,156 @@
+"""`with set_adapter(...)` is local to the thread or asyncio task that entered it; a
+plain call is model-wide. Every output is checked against the model run alone with
+that adapter, so a selection leaking between threads or tasks changes the numbers."""
+
+import asyncio
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import lora_ext
+
+ADAPTERS = ["a", "b", "c"]
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    for name in ADAPTERS:
+        lora_ext.inject_lora(model, ["0", "2"], r=4, alpha=8, adapter_name=name, init="gaussian")
+    for layer in model.modules():
+        if isinstance(layer, lora_ext.LoRALinear):
+            for name in ADAPTERS:
+                layer.lora_B[name].data.normal_()  # B starts at zero: make every adapter matter
+            layer.requires_grad_(False)
+    return model.eval()
+
+
+def _expected(model, x) -> dict:
+    """Output of ``x`` per selection, computed alone in this thread."""
+    out = {}
+    for names in [None, *ADAPTERS, ("a", "b")]:
+        lora_ext.set_adapter(model, list(names) if isinstance(names, tuple) else names)
+        out[names] = model(x).clone()
+    assert not torch.allclose(out["a"], out["b"]) and not torch.allclose(out["a"], out[None])
+    return out
+
+
+def _in_threads(target, args_per_thread):
+    errors = []
+
+    def run(*args):
+        try:
+            target(*args)
+        except BaseException as e:  # reported in the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=args) for args in args_per_thread]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a thread did not finish"
+    if errors:
+        raise errors[0]
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_with_block_is_local_to_its_thread(compiled):
+    model = _model()
+    x = torch.randn(2, 16)
+    expected = _expected(model, x)
+    lora_ext.set_adapter(model, "c")  # model-wide
+    run = torch.compile(model, backend="aot_eager") if compiled else model
+    barrier = threading.Barrier(3)
+    with torch.no_grad():
+        run(x)  # compile outside the threads
+
+        def serve(names):
+            key = tuple(names) if isinstance(names, list) else names
+            with lora_ext.set_adapter(model, names):
+                barrier.wait(timeout=60)  # every thread is inside its block now
+                for _ in range(20):
+                    torch.testing.assert_close(run(x), expected[key], rtol=0, atol=0)
+                barrier.wait(timeout=60)
+            torch.testing.assert_close(run(x), expected["c"], rtol=0, atol=0)  # back to model-wide
+
+        _in_threads(serve, [("a",), ("b",), (["a", "b"],)])
+        torch.testing.assert_close(run(x), expected["c"], rtol=0, atol=0)
+
+
+def test_plain_call_is_model_wide():
+    model = _model()
+    x = torch.randn(2, 16)
+    expected = _expected(model, x)
+    chosen = threading.Event()
+
+    def choose():
+        lora_ext.set_adapter(model, "b")
+        chosen.set()
+
+    with torch.no_grad():
+        _in_threads(choose, [()])
+        assert chosen.is_set()
+        torch.testing.assert_close(model(x), expected["b"], rtol=0, atol=0)
+        with lora_ext.set_adapter(model, "a"):
+            torch.testing.assert_close(model(x), expected["a"], rtol=0, atol=0)
+            lora_ext.set_adapter(model, "c")  # a plain call inside a block: this thread too
+            torch.testing.assert_close(model(x), expected["c"], rtol=0, atol=0)
+        torch.testing.assert_close(model(x), expected["c"], rtol=0, atol=0)
+
+
+def test_with_block_is_local_to_its_asyncio_task():
+    model = _model()
+    x = torch.randn(2, 16)
+    expected = _expected(model, x)
+    lora_ext.set_adapter(model, None)
+
+    async def serve(name):
+        with lora_ext.set_adapter(model, name):
+            for _ in range(5):
+                await asyncio.sleep(0)  # the other tasks enter their blocks in between
+                torch.testing.assert_close(model(x), expected[name], rtol=0, atol=0)
+
+    async def main():
+        await asyncio.gather(*(serve(n) for n in ADAPTERS))
+
+    with torch.no_grad():
+        asyncio.run(main())
+        torch.testing.assert_close(model(x), expected[None], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_local_selection_of_a_deleted_adapter_falls_back_to_the_base(compiled):
+    """The deleted adapter's slot is reused by a new one: the block must not pick it up."""
+    model = _model()
+    x = torch.randn(2, 16)
+    expected = _expected(model, x)
+    run = torch.compile(model, backend="aot_eager") if compiled else model
+    lora_ext.set_adapter(model, "a")
+    with torch.no_grad(), lora_ext.set_adapter(model, ["b", "a"]):
+        run(x)
+        lora_ext.delete_adapter(model, "a")
+        lora_ext.inject_lora(model, ["0", "2"], r=4, adapter_name="d", init="gaussian")
+        for layer in model.modules():
+            if isinstance(layer, lora_ext.LoRALinear):
+                layer.lora_B["d"].data.normal_()
+                assert layer.slot("d") == 0  # "a"'s old slot
+        rows = run(x)
+        torch.testing.assert_close(rows[0], expected["b"][0], rtol=0, atol=0)
+        torch.testing.assert_close(rows[1], expected[None][1], rtol=0, atol=0)
+
+
+def test_with_form_checks_names_and_changes_nothing_on_error():
+    model = _model()
+    lora_ext.set_adapter(model, "a")
+    ctx = lora_ext.model._context(model)
+    with pytest.raises(ValueError, match="unknown adapter 'zzz'"):
+        with lora_ext.set_adapter(model, ["a", "zzz"]):
+            pass
+    assert ctx.selection.names == ["a"]
+    with pytest.raises(RuntimeError, match="boom"):
+        with lora_ext.set_adapter(model, "b"):
+            raise RuntimeError("boom")
+    assert ctx.selection.names == ["a"]
