@@ -6,6 +6,7 @@
 
 #include <array>
 #include <optional>
+#include <string>
 #include <tuple>
 
 namespace lora_ext {
@@ -52,6 +53,7 @@ using GradTuple5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
   void unmerge_exact_(at::Tensor& weight, const at::Tensor& lora_a,                         \
                       const at::Tensor& lora_b, double scale, const at::Tensor& residual,   \
                       const at::Tensor& overflow_index, const at::Tensor& overflow_values); \
+  std::string merge_variant(const at::Tensor& weight);                                      \
   }
 
 LORA_EXT_DECLARE_BACKEND(cpu)

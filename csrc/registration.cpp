@@ -39,4 +39,7 @@ TORCH_LIBRARY(lora_ext, m) {
   m.def(
       "unmerge_exact_(Tensor(a!) weight, Tensor lora_a, Tensor lora_b, float scale, "
       "Tensor residual, Tensor overflow_index, Tensor overflow_values) -> ()");
+  // Which kernel merge_exact_ runs for weight's device and dtype ("cpu/avx512", "cuda"):
+  // an exact merge is undone exactly only by the same one (rounding differs).
+  m.def("merge_variant(Tensor weight) -> str");
 }

@@ -307,6 +307,8 @@ class LoRALinear(nn.Module):
         super().__setstate__(state)
         self._context.register(self)
         self._resync()
+        if self._merged is not None:  # a copy: its weight holds the merged bits it was copied with
+            self._merged["weight_state"] = _weight_state(self.base_layer.weight)
 
     # -- stacks ----------------------------------------------------------------------
     def stacks(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -478,18 +480,36 @@ class LoRALinear(nn.Module):
             "residual": residual,
             "overflow": (over_index, over_values),
             "weights": (a.clone(), b.clone()),
+            "made_by": _merge_maker(w),
+            "weight_state": _weight_state(w),
         }
 
     def check_unmerge(self) -> None:
-        """Raise if the merged adapter's parameters changed since the merge."""
+        """Raise, changing nothing, if the merge can no longer be undone exactly here.
+
+        Refused: the adapter's parameters changed; the weight was replaced or written in
+        place (optimizer step, ``load_state_dict``, ``copy_``); the weight is now on
+        another device, dtype or kernel variant than the one that merged it.
+        ``unmerge_exact_`` then also checks every element before writing.
+        """
         if self._merged is None:
             return
-        a, b, _ = self._merge_args(self._merged["name"])
-        if not all(torch.equal(now, then) for now, then in zip((a, b), self._merged["weights"])):
+        m, w = self._merged, self.base_layer.weight
+        what = f"adapter {m['name']!r} is merged into this layer's weight"
+        now = _merge_maker(w)
+        if now != m["made_by"]:
             raise RuntimeError(
-                f"adapter {self._merged['name']!r} was modified while merged; it cannot be "
-                "unmerged exactly"
+                f"{what} by {m['made_by']}, but the weight is now on {now}: it can only be "
+                "unmerged exactly where it was merged; move it back first (or forget_merge)"
             )
+        if _weight_state(w) != m["weight_state"]:
+            raise RuntimeError(
+                f"{what}, and the weight was replaced or written in place since the merge; "
+                "it cannot be unmerged exactly (weight unchanged; forget_merge keeps it as the base)"
+            )
+        a, b, _ = self._merge_args(m["name"])
+        if not all(torch.equal(now, then) for now, then in zip((a, b), m["weights"])):
+            raise RuntimeError(f"{what}, and the adapter was modified while merged; it cannot be unmerged exactly")
 
     def unmerge(self) -> None:
         """Restore the base weight bit for bit; a no-op when nothing is merged."""
@@ -505,6 +525,16 @@ class LoRALinear(nn.Module):
     def forget_merge(self) -> None:
         """Drop the exact-unmerge record, keeping the merged weight as the new base."""
         self._merged = None
+
+
+def _merge_maker(weight: Tensor) -> str:
+    """Where a weight is merged: device, dtype and kernel variant (all change the rounding)."""
+    return f"{weight.device} {str(weight.dtype).removeprefix('torch.')} ({ops.merge_variant(weight)})"
+
+
+def _weight_state(weight: Tensor) -> tuple:
+    """Changes when the weight tensor is replaced or written in place through autograd's view."""
+    return weight.data_ptr(), weight._version
 
 
 def _resync_if_reassigned(module: LoRALinear, incompatible_keys) -> None:

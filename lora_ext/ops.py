@@ -116,6 +116,15 @@ def unmerge_exact_(
     )
 
 
+def merge_variant(weight: Tensor) -> str:
+    """The kernel :func:`merge_exact_` runs for ``weight`` (device type and CPU instruction
+    set, e.g. ``"cpu/AVX512"``, ``"cuda"``); only the same one undoes its merge exactly.
+
+    Eager only: it names the kernel of the running process, not a traced value.
+    """
+    return _ops.merge_variant.default(weight)
+
+
 # ---------------------------------------------------------------------------
 # Fake (meta) kernels, for torch.compile and opcheck.
 
@@ -172,6 +181,13 @@ def _merge_exact_fake(weight, lora_a, lora_b, scale, residual):
 @torch.library.register_fake("lora_ext::unmerge_exact_")
 def _unmerge_exact_fake(weight, lora_a, lora_b, scale, residual, overflow_index, overflow_values):
     return None
+
+
+@torch.library.register_fake("lora_ext::merge_variant")
+def _merge_variant_fake(weight):
+    # A property of the process and the weight's device and dtype, not of its data.
+    with torch._subclasses.fake_tensor.unset_fake_temporarily():
+        return _ops.merge_variant.default(torch.empty(0, dtype=weight.dtype, device=weight.device))
 
 
 # ---------------------------------------------------------------------------

@@ -174,3 +174,129 @@ def test_merge_into_a_column_slice_of_a_wider_weight(device, dtype):
     overflow = ops.merge_exact_(w, a, b, 0.5, residual)
     ops.unmerge_exact_(w, a, b, 0.5, residual, *overflow)
     assert torch.equal(_bits(full), _bits(snapshot))
+
+
+# ------------------------------------------------------------------ what a layer records
+
+
+def _merged_layer(dtype=torch.float32, seed=0):
+    import lora_ext
+
+    torch.manual_seed(seed)
+    layer = lora_ext.LoRALinear(torch.nn.Linear(48, 40).to(dtype))
+    layer.add_adapter("a", r=4, alpha=8)
+    layer.lora_B["a"].data.normal_()
+    original = layer.weight.detach().clone()
+    layer.merge("a")
+    assert not torch.equal(_bits(layer.weight.detach()), _bits(original))
+    return layer, original
+
+
+def _unmerge_refused(layer, match):
+    before = layer.weight.detach().clone()
+    with pytest.raises(RuntimeError, match=match):
+        layer.unmerge()
+    assert torch.equal(_bits(layer.weight.detach()), _bits(before)), "weight changed by a refused unmerge"
+    assert layer.merged_adapter == "a"
+
+
+def _write_same_bits(layer):
+    with torch.no_grad():
+        layer.weight.add_(0.0)
+
+
+def _load_own_state(layer):
+    layer.load_state_dict(layer.state_dict())
+
+
+def _optimizer_step_on_the_base(layer):
+    layer.weight.requires_grad_(True)
+    opt = torch.optim.SGD([layer.weight], lr=1e-3)
+    layer(torch.randn(3, 48)).sum().backward()
+    opt.step()
+    layer.weight.requires_grad_(False)
+
+
+@pytest.mark.parametrize("write", [_write_same_bits, _load_own_state, _optimizer_step_on_the_base],
+                         ids=["same-bits", "load_state_dict", "optimizer-step"])
+def test_layer_refuses_to_unmerge_a_weight_written_since_the_merge(write):
+    """Even a write that keeps every bit is refused: the layer tracks the weight's version."""
+    layer, _ = _merged_layer()
+    write(layer)
+    _unmerge_refused(layer, "written in place since the merge")
+    layer.forget_merge()  # the way out: keep the weight as the new base
+    assert layer.merged_adapter is None
+
+
+def test_layer_refuses_to_unmerge_after_a_dtype_change():
+    layer, _ = _merged_layer()
+    layer.to(torch.float64)
+    _unmerge_refused(layer, r"by cpu float32 \(cpu/.*\), but the weight is now on cpu float64")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_layer_refuses_to_unmerge_on_another_device():
+    layer, _ = _merged_layer()
+    layer.cuda()
+    _unmerge_refused(layer, r"by cpu float32 .* now on cuda:0 float32 \(cuda\)")
+
+
+def test_a_copied_merged_layer_unmerges_exactly():
+    import copy
+
+    layer, original = _merged_layer(torch.bfloat16)
+    twin = copy.deepcopy(layer)
+    twin.unmerge()
+    assert torch.equal(_bits(twin.weight.detach()), _bits(original))
+
+
+_LAYER_ACROSS_ISAS = """
+import sys, torch, lora_ext
+torch.manual_seed(0)
+layer = lora_ext.LoRALinear(torch.nn.Linear(48, 40).bfloat16())
+layer.add_adapter("a", r=4, alpha=8)
+layer.lora_B["a"].data.normal_()
+layer.merge("a")
+torch.save(layer, sys.argv[1])
+"""
+
+
+def test_layer_refuses_to_unmerge_a_merge_made_by_another_kernel_variant(tmp_path):
+    here = ops.merge_variant(torch.zeros(1, dtype=torch.bfloat16))
+    if here == "cpu/DEFAULT":
+        pytest.skip("this CPU runs the default kernels only: no other variant to compare")
+    path = str(tmp_path / "layer.pt")
+    env = dict(os.environ, LORA_EXT_CPU_ISA="default")
+    proc = subprocess.run([sys.executable, "-c", _LAYER_ACROSS_ISAS, path], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    layer = torch.load(path, weights_only=False)
+    _unmerge_refused(layer, rf"by cpu bfloat16 \(cpu/DEFAULT\), but the weight is now on cpu bfloat16 \({here}\)")
+
+
+def test_model_unmerge_refuses_before_any_layer_is_restored(tiny_llama):
+    import lora_ext
+
+    model = tiny_llama()
+    lora_ext.inject_lora(model, ["q_proj", "v_proj"], r=4, adapter_name="a", init="gaussian")
+    for m in model.modules():
+        if isinstance(m, lora_ext.LoRALinear):
+            m.lora_B["a"].data.normal_()
+    lora_ext.merge_adapter(model, "a")
+    merged = {k: v.clone() for k, v in model.state_dict().items()}
+    last = model.model.layers[-1].self_attn.v_proj
+    _write_same_bits(last)
+    with pytest.raises(RuntimeError, match="written in place"):
+        lora_ext.unmerge_adapter(model)
+    for k, v in model.state_dict().items():
+        assert torch.equal(_bits(v), _bits(merged[k])), k
+
+
+def test_merge_variant_names_the_kernel(device):
+    for dtype in DTYPES:
+        w = torch.randn(3, 5, device=device, dtype=dtype)
+        variant = ops.merge_variant(w)
+        assert variant == "cuda" if device == "cuda" else variant.startswith("cpu/"), variant
+        # test_aot_dispatch_* compare outputs with assert_close, which takes no str
+        torch.library.opcheck(torch.ops.lora_ext.merge_variant.default, (w,),
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))

@@ -209,11 +209,19 @@ void unmerge_exact_(at::Tensor& weight, const at::Tensor& lora_a, const at::Tens
   restore_overflow(weight, overflow_index, overflow_values);
 }
 
+std::string merge_variant(const at::Tensor& weight) {
+  std::string isa;
+  LORA_EXT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "merge_variant",
+                                   [&] { isa = micro_kernels<scalar_t>().isa; });
+  return "cpu/" + isa;
+}
+
 TORCH_LIBRARY_IMPL(lora_ext, CPU, m) {
   m.impl("merge_", &merge_);
   m.impl("unmerge_", &unmerge_);
   m.impl("merge_exact_", &merge_exact_);
   m.impl("unmerge_exact_", &unmerge_exact_);
+  m.impl("merge_variant", &merge_variant);
 }
 
 }  // namespace lora_ext::cpu

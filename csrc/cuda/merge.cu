@@ -211,11 +211,15 @@ void unmerge_exact_(at::Tensor& weight, const at::Tensor& lora_a, const at::Tens
   restore_overflow(weight, overflow_index, overflow_values);
 }
 
+// One variant for every GPU: the same tiles and explicitly rounded fp32 operations.
+std::string merge_variant(const at::Tensor& weight) { return "cuda"; }
+
 TORCH_LIBRARY_IMPL(lora_ext, CUDA, m) {
   m.impl("merge_", &merge_);
   m.impl("unmerge_", &unmerge_);
   m.impl("merge_exact_", &merge_exact_);
   m.impl("unmerge_exact_", &unmerge_exact_);
+  m.impl("merge_variant", &merge_variant);
 }
 
 }  // namespace lora_ext::cuda
