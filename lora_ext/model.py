@@ -360,12 +360,22 @@ def merge_adapter(model: nn.Module, adapter_name: str, safe: bool = True) -> Non
 
 
 def unmerge_adapter(model: nn.Module) -> None:
-    """Restore every base weight bit for bit from a :func:`merge_adapter`."""
-    layers = [m for _, m in _lora_layers(model) if m.merged_adapter is not None]
-    for layer in layers:
+    """Restore every base weight bit for bit from a :func:`merge_adapter`.
+
+    All or nothing: if any layer refuses, the layers already restored are merged again.
+    """
+    layers = [(m, m.merged_adapter) for _, m in _lora_layers(model) if m.merged_adapter is not None]
+    for layer, _ in layers:
         layer.check_unmerge()
-    for layer in layers:
-        layer.unmerge()
+    restored = []
+    try:
+        for layer, name in layers:
+            layer.unmerge()  # its element check can still refuse (a write that bypassed autograd)
+            restored.append((layer, name))
+    except RuntimeError:
+        for layer, name in restored:  # merging is deterministic: the same merged bits again
+            layer.merge(name, exact=True)
+        raise
 
 
 def merge_and_unload(model: nn.Module, adapter_name: str = "default", safe: bool = True) -> nn.Module:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-shot check on the GPU machine (no network): build against its own torch, time
-# the three CUDA targets, run the whole test suite, a compute-sanitizer pass and the
+# the three CUDA targets, run the whole test suite, compute-sanitizer passes and the
 # benchmark runner, then print a summary table last. Fits in 8 minutes: every step
 # has its own time limit and the summary is printed whatever fails.
 #
@@ -127,7 +127,8 @@ EOF
   # 3. The whole test suite (CUDA cases appear automatically).
   step pytest 200 "$PY" -m pytest -q -ra -p no:cacheprovider --junitxml="$OUT/pytest.xml" "$ROOT/tests"
 
-  # 4. compute-sanitizer (memcheck) on small multi_lora (both paths, backward) and merge cases.
+  # 4. compute-sanitizer (memcheck, racecheck, synccheck) on small multi_lora (both paths,
+  #    backward), merge and lora_linear cases, then memcheck over the CUDA op tests.
   if command -v compute-sanitizer >/dev/null 2>&1; then
     cat > sanitize_case.py <<'EOF'
 import torch
@@ -154,7 +155,15 @@ ops.lora_linear(xl, w.float(), None, la.float(), lb.float(), 0.5).sum().backward
 torch.cuda.synchronize()
 print("sanitize case ok")
 EOF
-    step sanitizer 120 compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" sanitize_case.py
+    # Without the caching allocator, so out-of-bounds accesses hit unallocated memory.
+    export PYTORCH_NO_CUDA_MEMORY_CACHING=1
+    for tool in memcheck racecheck synccheck; do
+      step "sanitize_$tool" 60 compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" sanitize_case.py
+    done
+    # memcheck over the CUDA cases of the op and merge tests (as many as the limit allows).
+    step sanitize_tests 150 compute-sanitizer --tool memcheck --error-exitcode 1 \
+      "$PY" -m pytest -q -x -p no:cacheprovider -k cuda "$ROOT/tests/test_ops.py" "$ROOT/tests/test_merge_guards.py"
+    unset PYTORCH_NO_CUDA_MEMORY_CACHING
   else
     SUMMARY+=("$(printf '%-16s %-8s %6s  %s' sanitizer SKIPPED - "compute-sanitizer not found")")
   fi

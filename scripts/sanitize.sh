@@ -27,7 +27,7 @@ preload=()
 [[ $sanitize == *undefined* ]] && preload+=("$(gcc -print-file-name=libubsan.so)")
 tests=$(mktemp -d)
 trap 'rm -rf "$tests"' EXIT
-cp tests/conftest.py tests/test_ops.py tests/test_errors.py tests/test_properties.py "$tests/"
+cp tests/conftest.py tests/test_ops.py tests/test_errors.py tests/test_properties.py tests/test_merge_guards.py "$tests/"
 cd "$tests"  # outside the checkout: import the sanitized build, not the source tree
 # Leak checking is off: CPython and torch keep allocations alive until exit by design.
 export ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:alloc_dealloc_mismatch=0:detect_odr_violation=0

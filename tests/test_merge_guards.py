@@ -300,3 +300,24 @@ def test_merge_variant_names_the_kernel(device):
         # test_aot_dispatch_* compare outputs with assert_close, which takes no str
         torch.library.opcheck(torch.ops.lora_ext.merge_variant.default, (w,),
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_model_unmerge_is_all_or_nothing_when_an_element_check_refuses(tiny_llama):
+    """A write through .data bypasses the version check; the element check of the last
+    layer refuses after earlier layers were restored: they are merged again."""
+    import lora_ext
+
+    model = tiny_llama()
+    lora_ext.inject_lora(model, ["q_proj", "v_proj"], r=4, adapter_name="a", init="gaussian")
+    for m in model.modules():
+        if isinstance(m, lora_ext.LoRALinear):
+            m.lora_B["a"].data.normal_()
+    lora_ext.merge_adapter(model, "a")
+    last = model.model.layers[-1].self_attn.v_proj
+    last.weight.data[0, :] += 1.0
+    merged = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="not what merge_exact_ produced"):
+        lora_ext.unmerge_adapter(model)
+    for k, v in model.state_dict().items():
+        assert torch.equal(_bits(v), _bits(merged[k])), k
+    assert all(m.merged_adapter == "a" for m in model.modules() if isinstance(m, lora_ext.LoRALinear))
