@@ -209,9 +209,12 @@ class _AdapterContext:
     def resolve(self, names: AdapterNames) -> Optional[_Selection]:
         return None if names is None else _Selection(names, self.slot_of)
 
-    def select(self, names: AdapterNames) -> None:
-        """Set the model-wide selection."""
-        self.publish(self.resolve(names))
+    def select(self, names: AdapterNames) -> Optional[_Selection]:
+        """Set the model-wide selection; returns it."""
+        with self._mutex:  # resolved and published with no load, delete or replace between
+            selection = self.resolve(names)
+            self.publish(selection)
+            return selection
 
     def publish(self, selection: Optional[_Selection]) -> int:
         """Make ``selection`` the one new forwards use; returns its generation."""
@@ -248,17 +251,22 @@ class _AdapterContext:
             return entry
         # A slot it used may have been freed, or reused by another adapter. Stored back:
         # the block's exit still restores what was there before the block.
-        self.set_local(self._resolve_again(entry[0]))
+        generation = self._generation
+        self.set_local(self._resolve_again(entry[0]), generation)
         return _LOCAL_SELECTIONS.get()[self._key]
 
     def has_local(self) -> bool:
         return self._key in _LOCAL_SELECTIONS.get()
 
-    def set_local(self, selection: Optional[_Selection]) -> contextvars.Token:
-        """Make ``selection`` this thread's / task's; returns the token that undoes it."""
+    def set_local(self, selection: Optional[_Selection], resolved_at: int) -> contextvars.Token:
+        """Make ``selection`` this thread's / task's; returns the token that undoes it.
+
+        ``resolved_at``: the generation read before ``selection`` was resolved, so that a
+        slot change since then makes :meth:`_local` resolve it again.
+        """
         entries = dict(_LOCAL_SELECTIONS.get())
+        entries[self._key] = (selection, resolved_at)
         with self._cond:
-            entries[self._key] = (selection, self._generation)
             token = _LOCAL_SELECTIONS.set(entries)
             self._update_thread_view()
         return token
@@ -269,13 +277,14 @@ class _AdapterContext:
             self._update_thread_view()
 
     def _update_thread_view(self) -> None:
+        """Copy this thread's local selection to its view (the caller holds ``_cond``)."""
         view = getattr(self._thread, "view", None)
         if view is None:
             view = self._thread.view = _ThreadView()
             self._views.add(view)
-        entry = _LOCAL_SELECTIONS.get().get(self._key)
-        view.is_local = entry is not None
-        view.selection = None if entry is None else entry[0]
+        local = self._local()
+        view.is_local = local is not None
+        view.selection = None if local is None else local[0]
 
     def _current(self) -> tuple[int, Optional[_Selection]]:
         """``(generation, selection)`` a forward starting now in this thread / task uses."""

@@ -6,6 +6,7 @@ import dis
 import functools
 import re
 import sys
+import warnings
 from typing import Iterable, Optional, Sequence, Union
 
 from torch import Tensor, nn
@@ -196,16 +197,26 @@ class AdapterSelection:
 
     def __init__(self, ctx: _AdapterContext, names: AdapterNames, local: bool):
         self._ctx = ctx
-        self._selection = ctx.resolve(names)  # unknown names raise here, in both forms
+        self._resolved_at = ctx._generation
+        if local:
+            self._selection = ctx.resolve(names)  # unknown names raise here, in both forms
+        else:
+            self._selection = ctx.select(names)
+            if ctx.has_local():  # inside a block: the caller's own forwards follow too
+                ctx.set_local(self._selection, self._resolved_at)
         self._local = local
         self._tokens: list = []
-        if not local:
-            ctx.publish(self._selection)
-            if ctx.has_local():  # inside a block: the caller's own forwards follow too
-                ctx.set_local(self._selection)
 
     def __enter__(self) -> "AdapterSelection":
-        self._tokens.append(self._ctx.set_local(self._selection))
+        if not self._local:
+            warnings.warn(
+                "set_adapter(...) was entered as a context manager, but the call was not the "
+                "with statement's own expression, so it also changed the model-wide selection "
+                "(write `with lora_ext.set_adapter(model, names):` for a selection local to "
+                "this thread or task)",
+                stacklevel=2,
+            )
+        self._tokens.append(self._ctx.set_local(self._selection, self._resolved_at))
         return self
 
     def __exit__(self, *exc) -> None:

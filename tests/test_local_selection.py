@@ -154,3 +154,14 @@ def test_with_form_checks_names_and_changes_nothing_on_error():
         with lora_ext.set_adapter(model, "b"):
             raise RuntimeError("boom")
     assert ctx.selection.names == ["a"]
+
+
+def test_a_call_that_is_not_the_with_expression_warns():
+    model = _model()
+    lora_ext.set_adapter(model, "a")
+    ctx = lora_ext.model._context(model)
+    use_b = True
+    with pytest.warns(UserWarning, match="also changed the model-wide selection"):
+        with (lora_ext.set_adapter(model, "b") if use_b else None):
+            pass
+    assert ctx.selection.names == ["b"]  # the plain call's effect stays

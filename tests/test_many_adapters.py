@@ -143,8 +143,10 @@ def test_bad_input_changes_nothing(tiny_llama):
         lora_ext.reserve_adapters(model, 8, max_rank=2)  # below a loaded rank
 
 
-def test_replace_while_another_thread_runs_forwards(tiny_llama):
-    """Every concurrent forward sees the old or the new adapter, never a mix of layers."""
+@pytest.mark.parametrize("selection", ["model-wide", "thread-local"])
+def test_replace_while_another_thread_runs_forwards(tiny_llama, selection):
+    """Every concurrent forward sees the old or the new adapter, never a mix of layers,
+    whether it selected the adapter model-wide or in its own ``with`` block."""
     model = tiny_llama()
     cfg = _config(targets=TARGETS)
     versions = [_state_dict(model, cfg, seed=s, std=0.5) for s in (1, 2)]
@@ -157,14 +159,21 @@ def test_replace_while_another_thread_runs_forwards(tiny_llama):
         lora_ext.load_adapter(model, v, "hot", config=cfg, replace=True)
         expected.append(_logits(model, ids, names))
     assert (expected[0][0] - expected[1][0]).abs().max() > 1e-2  # a mix would show
-    lora_ext.set_adapter(model, names)
+    lora_ext.set_adapter(model, names if selection == "model-wide" else None)
     outputs, stop, errors = [], threading.Event(), []
+
+    def run():
+        while not stop.is_set():
+            with torch.no_grad():
+                outputs.append(model(ids).logits)
 
     def forwards():
         try:
-            while not stop.is_set():
-                with torch.no_grad():
-                    outputs.append(model(ids).logits)
+            if selection == "thread-local":
+                with lora_ext.set_adapter(model, names):
+                    run()
+            else:
+                run()
         except Exception as e:  # noqa: BLE001  (reported by the main thread)
             errors.append(e)
 
