@@ -72,7 +72,11 @@ def multi_lora_add_(
     (fp32 accumulation, rounded once); rows with -1 are not touched. The other
     arguments are as for :func:`multi_lora`. On any error y is left unchanged.
     """
-    _ops.multi_lora_add_.default(y, x, a_stack, b_stack, indices, scales, ranks)
+    _multi_lora_add(y, x, a_stack, b_stack, indices, scales, ranks)
+
+
+# Looked up once: it runs for every LoRA layer of every inference forward.
+_multi_lora_add = _ops.multi_lora_add_.default
 
 
 def merge_(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float) -> None:

@@ -15,10 +15,10 @@
 
 namespace lora_ext::cpu {
 
-AdapterGroups group_rows(const at::Tensor& indices, int64_t num_adapters) {
-  const at::Tensor idx = indices.to(at::kLong).contiguous();
-  const int64_t* v = idx.const_data_ptr<int64_t>();
-  const int64_t num_rows = idx.numel();
+namespace {
+
+template <typename I>
+AdapterGroups group_rows_of(const I* v, int64_t num_rows, int64_t num_adapters) {
   std::vector<int64_t> count(num_adapters + 1, 0);  // slot 0 counts -1 rows
   for (int64_t t = 0; t < num_rows; ++t) {
     TORCH_CHECK(v[t] >= -1 && v[t] < num_adapters, "multi_lora: indices[", t, "] = ", v[t],
@@ -47,6 +47,17 @@ AdapterGroups group_rows(const at::Tensor& indices, int64_t num_adapters) {
     }
   }
   return g;
+}
+
+}  // namespace
+
+AdapterGroups group_rows(const at::Tensor& indices, int64_t num_adapters) {
+  // Read in their own type: no int64 copy per call (decode calls are a few microseconds).
+  const at::Tensor idx = indices.contiguous();
+  if (idx.scalar_type() == at::kInt)
+    return group_rows_of(idx.const_data_ptr<int32_t>(), idx.numel(), num_adapters);
+  const at::Tensor idx64 = idx.to(at::kLong);
+  return group_rows_of(idx64.const_data_ptr<int64_t>(), idx64.numel(), num_adapters);
 }
 
 AdapterGroups single_group(int64_t num_rows) {
