@@ -1,6 +1,7 @@
 """The ``lora-ext`` command: train task adapters on a frozen LLM, and serve them together.
 
-``lora-ext train --task upper --out DIR``  trains one LoRA adapter (PEFT format).
+``lora-ext train --task upper --out DIR``  trains one LoRA adapter (PEFT format); under
+``torchrun --nproc-per-node N`` each process trains on its share of every batch (DDP).
 ``lora-ext eval --task upper [--adapter DIR]``  measures a task's check pass rate.
 ``lora-ext demo``  runs one batch whose rows use different shipped adapters (or none),
 checks every answer, and compares tokens/s with PEFT and the bare base model.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import random
 import statistics
 import sys
@@ -113,8 +115,72 @@ def pass_rate(model, tokenizer, task, n: int, batch_size: int = 16) -> float:
 # ---------------------------------------------------------------------------- train
 
 
+class _Ranks:
+    """This process's place in a ``torchrun`` job (WORLD_SIZE/RANK/LOCAL_RANK); one process without."""
+
+    def __init__(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.device = torch.device("cpu")
+        self.backend = None
+        if self.world > 1:
+            import torch.distributed as dist
+
+            # NCCL on CUDA, one GPU per process; gloo on CPU.
+            self.backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if self.backend == "nccl":
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(self.device)
+            dist.init_process_group(self.backend)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, rows: list) -> list:
+        n = len(rows) // self.world
+        return rows[self.rank * n : (self.rank + 1) * n]
+
+    def mean(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.item() / self.world
+
+    def close(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+class _AnswerLoss(torch.nn.Module):
+    """``llm.answer_loss`` as a module, so that DDP sees the forward it must hook."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        return llm.answer_loss(self.model, batch)
+
+
 def cmd_train(args) -> int:
+    ranks = _Ranks()
+    try:
+        return _train(args, ranks)
+    finally:
+        ranks.close()
+
+
+def _train(args, ranks: _Ranks) -> int:
     task = get_task(args.task)
+    if args.batch_size % ranks.world:
+        raise UserError(f"--batch-size {args.batch_size} does not split evenly over {ranks.world} processes")
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     dtype = _DTYPES[args.dtype]
@@ -122,6 +188,7 @@ def cmd_train(args) -> int:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out: {args.out} exists and is not a folder")
     model, tokenizer = _load_model(args, dtype=dtype)
+    model.to(ranks.device)
     targets = [t for t in args.targets.split(",") if t]
     alpha = args.alpha if args.alpha is not None else 2.0 * args.rank
     inject_lora(model, targets, r=args.rank, alpha=alpha, adapter_name=task.name)
@@ -130,11 +197,24 @@ def cmd_train(args) -> int:
     for p in params:
         p.data = p.data.float()
     trainable, total = trainable_parameters(model)
-    print(
-        f"task {task.name!r} ({task.description}); LoRA r={args.rank} alpha={alpha:g} on "
-        f"{','.join(targets)}: {trainable:,d} trainable of {total:,d} parameters",
-        flush=True,
-    )
+    step_loss = _AnswerLoss(model)
+    where = ""
+    if ranks.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Only the adapters require grad, so only their gradients are all-reduced; the
+        # slot-stack buffers stay equal through equal steps, no need to broadcast them.
+        step_loss = DistributedDataParallel(
+            step_loss, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None,
+            forward_sync_buffers=False,
+        )
+        where = f"; {ranks.world} processes ({ranks.backend}), {args.batch_size // ranks.world} rows each"
+    if ranks.main:
+        print(
+            f"task {task.name!r} ({task.description}); LoRA r={args.rank} alpha={alpha:g} on "
+            f"{','.join(targets)}: {trainable:,d} trainable of {total:,d} parameters{where}",
+            flush=True,
+        )
 
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     warmup = max(1, args.steps // 10)
@@ -142,25 +222,28 @@ def cmd_train(args) -> int:
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, (args.steps - s) / args.steps)
     )
-    rng = random.Random(args.seed)
+    rng = random.Random(args.seed)  # every process draws the same global batch, then takes its share
     model.train()
-    bar = _progress(args.steps, f"train {task.name}")
+    bar = _progress(args.steps, f"train {task.name}") if ranks.main else None
     start = time.perf_counter()
     recent: list[float] = []
     for _ in range(args.steps):
-        batch = llm.encode_for_training(tokenizer, [task.example(rng) for _ in range(args.batch_size)])
-        loss = llm.answer_loss(model, batch)
+        rows = ranks.share([task.example(rng) for _ in range(args.batch_size)])
+        batch = {k: v.to(ranks.device) for k, v in llm.encode_for_training(tokenizer, rows).items()}
+        loss = step_loss(batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
-        recent = (recent + [loss.item()])[-10:]
-        bar.set_postfix_str(f"loss {statistics.fmean(recent):.4f}")
-        bar.update(1)
-    bar.close()
+        recent = (recent + [ranks.mean(loss.item())])[-10:]
+        if bar is not None:
+            bar.set_postfix_str(f"loss {statistics.fmean(recent):.4f}")
+            bar.update(1)
     elapsed = time.perf_counter() - start
-    print(f"trained {args.steps} steps in {elapsed:.0f} s; final loss {statistics.fmean(recent):.4f}")
+    if bar is not None:
+        bar.close()
+        print(f"trained {args.steps} steps in {elapsed:.0f} s; final loss {statistics.fmean(recent):.4f}")
     model.eval()
     model.float()  # evaluate as the demo serves it
 
@@ -168,7 +251,9 @@ def cmd_train(args) -> int:
     with torch.no_grad():
         for p in params:
             p.copy_(p.to(torch.bfloat16))
-    save_adapter(model, args.out, adapter_name=task.name, dtype=torch.bfloat16)
+    save_adapter(model, args.out, adapter_name=task.name, dtype=torch.bfloat16)  # every process: rank 0 writes
+    if not ranks.main:
+        return 0
     size = sum(f.stat().st_size for f in Path(args.out).iterdir() if f.is_file())
     print(f"saved {args.out} ({size / 2**20:.2f} MiB, bf16)")
     if args.eval > 0:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import re
+import sys
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any, Optional, Union
@@ -42,7 +44,11 @@ def _pattern_value(pattern: dict, path: str, default):
 
 
 def save_adapter(
-    model: nn.Module, path: str, adapter_name: str = "default", dtype: Optional[torch.dtype] = None
+    model: nn.Module,
+    path: str,
+    adapter_name: str = "default",
+    dtype: Optional[torch.dtype] = None,
+    timeout: float = 600.0,
 ) -> None:
     """Write ``adapter_name`` to the folder ``path`` in PEFT's layout.
 
@@ -50,9 +56,19 @@ def save_adapter(
     ``.lora_B.weight`` (``[out, r]``); layers whose rank or alpha differ from the most
     common one are listed in ``rank_pattern``/``alpha_pattern``. ``dtype``: storage
     dtype (default: the adapter's own).
+
+    In a ``torch.distributed`` job of several ranks this is a collective: call it on
+    every rank (of a plain, DDP-, FSDP2- or tensor-parallel model). Sharded adapters are
+    gathered, rank 0 writes the full adapter (what one process would write), and every
+    rank returns once the files are complete. A rank whose peers do not join within
+    ``timeout`` seconds raises ``RuntimeError`` instead of waiting forever.
     """
     from safetensors.torch import save_file
 
+    model = _unwrap(model)
+    distributed = _world_size() > 1
+    if distributed:
+        _rendezvous(timeout, f"save_adapter({adapter_name!r}) was not called on every rank")
     layers = [(n, m) for n, m in _lora_layers(model) if adapter_name in m.specs]
     if not layers:
         raise ValueError(f"no adapter {adapter_name!r}; loaded adapters: {list_adapters(model)}")
@@ -89,16 +105,63 @@ def save_adapter(
     }
     tensors = {}
     for n, m in layers:
-        for key, params in (("lora_A", m.lora_A), ("lora_B", m.lora_B)):
-            t = params[adapter_name].detach()
+        for key, t in zip(("lora_A", "lora_B"), _full_weights(m, adapter_name)):
             # a copy of its own: the parameter is a view into the layer's slot stack
             tensors[f"{_PREFIX}{n}.{key}.weight"] = t.to(dtype or t.dtype).cpu().clone(
                 memory_format=torch.contiguous_format
             )
-    os.makedirs(path, exist_ok=True)
-    save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
-    with open(os.path.join(path, CONFIG_NAME), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
+    if not distributed or torch.distributed.get_rank() == 0:
+        os.makedirs(path, exist_ok=True)
+        save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+        with open(os.path.join(path, CONFIG_NAME), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+    if distributed:
+        _rendezvous(timeout, f"save_adapter({adapter_name!r}): rank 0 did not finish writing {path}")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a (Distributed)DataParallel wrapper, whose names lack ``module.``."""
+    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module
+    return model
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _rendezvous(timeout: float, what: str) -> None:
+    """A barrier of all ranks that raises after ``timeout`` seconds instead of hanging."""
+    dist = torch.distributed
+    limit = datetime.timedelta(seconds=timeout)
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=limit, wait_all_ranks=True)  # names the missing ranks
+        else:
+            dist.barrier(async_op=True).wait(timeout=limit)
+    except RuntimeError as e:
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise RuntimeError(
+            f"rank {dist.get_rank()}: {what} within {timeout:g} s (it is a collective: call it "
+            f"on every rank): {cause}"
+        ) from None
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    if "torch.distributed.tensor" not in sys.modules:  # no DTensor can exist yet
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _full_weights(layer: LoRALinear, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` of adapter ``name`` whole: FSDP2's DTensors and tensor-parallel shards gathered."""
+    if hasattr(layer, "_full_adapter"):  # lora_ext.parallel's sharded layer
+        return layer._full_adapter(name)
+    a, b = (p.detach() for p in (layer.lora_A[name], layer.lora_B[name]))
+    return tuple(t.full_tensor() if _is_dtensor(t) else t for t in (a, b))
 
 
 def _read_config(path: str) -> dict:
@@ -239,6 +302,11 @@ def _plan(model: nn.Module, config: dict, tensors: Mapping, where: str):
         if not isinstance(module, (nn.Linear, LoRALinear)):
             raise ValueError(
                 f"{where}: {module_path} is a {type(module).__name__}; only nn.Linear layers are supported"
+            )
+        if hasattr(module, "_tp_style") or _is_dtensor(module.weight):
+            raise ValueError(
+                f"{where}: {module_path} is sharded (tensor parallel or FSDP2); load adapters "
+                "before parallelize_module / fully_shard"
             )
         a, b = pair["lora_A"], pair["lora_B"]
         r = _pattern_value(rank_pattern, module_path, r_default)
