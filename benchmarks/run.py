@@ -39,6 +39,7 @@ import lora_ext
 ROOT = Path(__file__).resolve().parents[1]
 ALL_WORKLOADS = ["W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8", "W9"]
 ALL_WORKLOADS.append("W10")  # vLLM with the lora_ext plugin: benchmarks/vllm_w10.py
+ALL_WORKLOADS.append("W11")  # W8's step on 2 ranks (DDP, FSDP2): benchmarks/train_w11.py
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 NOT_YET = "not yet available"
 
@@ -1113,6 +1114,10 @@ def main(argv=None) -> int:
 
     if "W10" in selected:
         results.append(w10_vllm(args))
+    if "W11" in selected:
+        import train_w11  # benchmarks/, next to this file
+
+        results.append(train_w11.result(args))
 
     report = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
