@@ -48,7 +48,7 @@ def save_adapter(
     path: str,
     adapter_name: str = "default",
     dtype: Optional[torch.dtype] = None,
-    timeout: float = 600.0,
+    timeout: float = 300.0,
 ) -> None:
     """Write ``adapter_name`` to the folder ``path`` in PEFT's layout.
 

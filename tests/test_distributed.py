@@ -224,3 +224,9 @@ def test_cli_train_under_torchrun(tmp_path):
     model, _ = llm.load_model(folder)
     lora_ext.load_adapter(model, str(out), "upper")
     assert lora_ext.list_adapters(model) == ["upper"]
+
+
+def test_import_lora_ext_leaves_the_parallel_integration_out():
+    code = "import sys, lora_ext; print('lora_ext.parallel' in sys.modules, 'torch.distributed.tensor' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), check=True)
+    assert out.stdout.split()[0] == "False", out.stdout
