@@ -16,15 +16,17 @@ using GradTuple5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
 
 #define LORA_EXT_DECLARE_BACKEND(ns)                                                        \
   namespace ns {                                                                            \
-  at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight,                     \
-                         const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,   \
-                         const at::Tensor& lora_b, double scale);                           \
+  /* Outputs: y, and xa = x @ lora_a^T ([..., r] in fp32; fp64 for double inputs),  */   \
+  /* which the backward takes instead of recomputing it.                              */   \
+  std::tuple<at::Tensor, at::Tensor> lora_linear(                                           \
+      const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, \
+      const at::Tensor& lora_a, const at::Tensor& lora_b, double scale);                    \
   /* Outputs: grad_x, grad_weight, grad_bias, grad_a, grad_b; an output whose mask */       \
   /* entry is false is an empty tensor.                                             */       \
   GradTuple5 lora_linear_backward(const at::Tensor& grad_out, const at::Tensor& x,          \
                                   const at::Tensor& weight, const at::Tensor& lora_a,       \
-                                  const at::Tensor& lora_b, double scale,                   \
-                                  std::array<bool, 5> output_mask);                         \
+                                  const at::Tensor& lora_b, const at::Tensor& xa,           \
+                                  double scale, std::array<bool, 5> output_mask);           \
   at::Tensor multi_lora(const at::Tensor& x, const at::Tensor& a_stack,                     \
                         const at::Tensor& b_stack, const at::Tensor& indices,               \
                         const at::Tensor& scales, const std::optional<at::Tensor>& ranks,   \

@@ -4,15 +4,17 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(lora_ext, m) {
-  // x @ weight.T + bias + scale * (x @ lora_a.T) @ lora_b.T, without forming B @ A.
+  // (y, xa): y = x @ weight.T + bias + scale * xa @ lora_b.T, without forming B @ A, and
+  // xa = x @ lora_a.T ([..., r], fp32; fp64 for double), kept for the backward.
   m.def(
       "lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
-      "float scale) -> Tensor");
+      "float scale) -> (Tensor, Tensor)");
   // Gradients (x, weight, bias, lora_a, lora_b); masked-off outputs are empty tensors.
+  // xa: lora_linear's second output.
   m.def(
       "lora_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_a, "
-      "Tensor lora_b, float scale, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, "
-      "Tensor)");
+      "Tensor lora_b, Tensor xa, float scale, bool[5] output_mask) -> (Tensor, Tensor, Tensor, "
+      "Tensor, Tensor)");
   // Row t uses adapter indices[t] (-1: none): base[t] + scales[i] * B_i (A_i x_t),
   // with A_i, B_i cut to ranks[i].
   m.def(

@@ -27,9 +27,10 @@ def lora_linear(
 
     x: ``[..., in]``; weight: ``[out, in]``; bias: ``[out]`` or None;
     lora_a: ``[r, in]``; lora_b: ``[out, r]``. Returns ``[..., out]``.
-    Differentiable w.r.t. every tensor argument.
+    Differentiable w.r.t. every tensor argument. (The op also returns ``x @ lora_a.T``
+    in fp32, which its backward reuses; this wrapper returns the output only.)
     """
-    return _ops.lora_linear.default(x, weight, bias, lora_a, lora_b, float(scale))
+    return _ops.lora_linear.default(x, weight, bias, lora_a, lora_b, float(scale))[0]
 
 
 def multi_lora(
@@ -133,9 +134,14 @@ def merge_variant(weight: Tensor) -> str:
 # Fake (meta) kernels, for torch.compile and opcheck.
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 @torch.library.register_fake("lora_ext::lora_linear")
 def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scale):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+    xa = x.new_empty((*x.shape[:-1], lora_a.shape[0]), dtype=_acc_dtype(x.dtype))
+    return x.new_empty((*x.shape[:-1], weight.shape[0])), xa
 
 
 def _empty_unless(flag: bool, like: Tensor) -> Tensor:
@@ -145,7 +151,7 @@ def _empty_unless(flag: bool, like: Tensor) -> Tensor:
 
 
 @torch.library.register_fake("lora_ext::lora_linear_backward")
-def _lora_linear_backward_fake(grad_out, x, weight, lora_a, lora_b, scale, output_mask):
+def _lora_linear_backward_fake(grad_out, x, weight, lora_a, lora_b, xa, scale, output_mask):
     bias_like = weight.new_empty((weight.shape[0],))
     likes = (x, weight, bias_like, lora_a, lora_b)
     return tuple(_empty_unless(flag, like) for flag, like in zip(output_mask, likes))
@@ -200,17 +206,19 @@ def _merge_variant_fake(weight):
 
 def _lora_linear_setup_context(ctx, inputs, output):
     x, weight, bias, lora_a, lora_b, scale = inputs
-    ctx.save_for_backward(x, weight, lora_a, lora_b)
+    xa = output[1]  # x @ lora_a.T in fp32: grad of lora_b without recomputing it
+    ctx.mark_non_differentiable(xa)
+    ctx.save_for_backward(x, weight, lora_a, lora_b, xa)
     ctx.scale = scale
     ctx.has_bias = bias is not None
 
 
-def _lora_linear_backward(ctx, grad):
-    x, weight, lora_a, lora_b = ctx.saved_tensors
+def _lora_linear_backward(ctx, grad, _grad_xa):
+    x, weight, lora_a, lora_b, xa = ctx.saved_tensors
     need = ctx.needs_input_grad
     mask = [need[0], need[1], need[2] and ctx.has_bias, need[3], need[4]]
     grads = _ops.lora_linear_backward.default(
-        grad.contiguous(), x, weight, lora_a, lora_b, ctx.scale, mask
+        grad.contiguous(), x, weight, lora_a, lora_b, xa, ctx.scale, mask
     )
     gx, gw, gb, ga, gB = (g if m else None for g, m in zip(grads, mask))
     return gx, gw, gb, ga, gB, None

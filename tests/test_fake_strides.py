@@ -29,7 +29,7 @@ def _cases(device):
         "lora_linear": (_ops.lora_linear.default, (nc(T, IN), nc(OUT, IN), None, nc(RANK, IN), nc(OUT, RANK), 0.5)),
         "lora_linear_backward": (
             _ops.lora_linear_backward.default,
-            (nc(T, OUT), nc(T, IN), nc(OUT, IN), nc(RANK, IN), nc(OUT, RANK), 0.5, [True] * 5),
+            (nc(T, OUT), nc(T, IN), nc(OUT, IN), nc(RANK, IN), nc(OUT, RANK), nc(T, RANK), 0.5, [True] * 5),
         ),
         "multi_lora": (_ops.multi_lora.default, (nc(T, IN), nc(N, R, IN), nc(N, OUT, R), idx, scales, None, nc(T, OUT))),
         "multi_lora_backward": (

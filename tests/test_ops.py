@@ -313,7 +313,7 @@ def _opcheck_samples(device):
     return {
         "lora_linear": (x, w, None, la, lb, 0.5),
         "lora_linear_bias_grad": (xr, w, torch.randn(20, device=device), la, lb, 0.5),
-        "lora_linear_backward": (grad, x, w, la, lb, 0.5, [True, True, True, True, True]),
+        "lora_linear_backward": (grad, x, w, la, lb, x @ la.T, 0.5, [True, True, True, True, True]),
         "multi_lora": (x, a, b, idx, scales, ranks, base),
         "multi_lora_no_opt": (xr, a, b, idx.int(), scales, None, None),
         "multi_lora_backward": (grad, x, a, b, idx, scales, ranks, [True, True, False]),

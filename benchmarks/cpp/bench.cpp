@@ -45,6 +45,8 @@ c10::TypedOperatorHandle<Fn> op(const char* name) {
 struct Ops {
   c10::TypedOperatorHandle<decltype(lora_ext::cpu::multi_lora)> multi_lora =
       op<decltype(lora_ext::cpu::multi_lora)>("lora_ext::multi_lora");
+  c10::TypedOperatorHandle<decltype(lora_ext::cpu::multi_lora_add_)> multi_lora_add_ =
+      op<decltype(lora_ext::cpu::multi_lora_add_)>("lora_ext::multi_lora_add_");
   c10::TypedOperatorHandle<decltype(lora_ext::cpu::lora_linear)> lora_linear =
       op<decltype(lora_ext::cpu::lora_linear)>("lora_ext::lora_linear");
   c10::TypedOperatorHandle<decltype(lora_ext::cpu::lora_linear_backward)> lora_linear_backward =
@@ -407,13 +409,21 @@ Result run_multi_lora(const std::string& name, const std::string& desc, const c1
   const std::optional<at::Tensor> ranks =
       pass_ranks ? std::optional<at::Tensor>(c.ranks_t) : std::nullopt;
   auto run_op = [&] { return ops.multi_lora.call(c.x, c.a_stack, c.b_stack, c.indices, c.scales, ranks, c.base); };
+  // The in-place form (LoRALinear's inference path adds into the base GEMM's output):
+  // no fresh [T, out] output. It accumulates into one buffer call after call.
+  at::Tensor y_acc = c.base.clone();
+  auto run_add = [&] {
+    ops.multi_lora_add_.call(y_acc, c.x, c.a_stack, c.b_stack, c.indices, c.scales, ranks);
+    return y_acc;
+  };
   const PeftLoop peft(c);
   const auto ref = peft(c);
-  res.max_rel_err = std::max(rel_err(run_op(), ref), rel_err(gather_bmm(c), ref));
+  res.max_rel_err = std::max({rel_err(run_op(), ref), rel_err(gather_bmm(c), ref), rel_err(run_add(), ref)});
   res.tolerance = tolerance_for(dtype);
 
   res.variants = {
       {"lora_ext", [&] { run_op(); }, {}},
+      {"lora_ext_add_", [&] { run_add(); }, {}},
       {"peft_loop", [&] { peft(c); }, {}},
       {"gather_bmm", [&] { gather_bmm(c); }, {}},
       {"base_linear", [&] { at::linear(c.x, c.weight); }, {}},
@@ -465,9 +475,9 @@ Result run_lora_linear(bool backward, const c10::Device& dev, c10::ScalarType dt
   const std::array<bool, 5> mask = {true, false, false, true, true};
   // Each returns the outputs to compare: y or (grad_x, grad_A, grad_B).
   auto ours = [&]() -> std::vector<at::Tensor> {
-    auto y = ops.lora_linear.call(x, w, bias_opt, a, b, s);
+    auto [y, xa] = ops.lora_linear.call(x, w, bias_opt, a, b, s);
     if (!backward) return {y};
-    auto grads = ops.lora_linear_backward.call(g, x, w, a, b, s, mask);
+    auto grads = ops.lora_linear_backward.call(g, x, w, a, b, xa, s, mask);
     return {std::get<0>(grads), std::get<3>(grads), std::get<4>(grads)};
   };
   // PEFT: base_layer(x) + lora_B(lora_A(x)) * scaling, and the backward autograd runs for it.

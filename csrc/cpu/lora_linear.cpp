@@ -1,5 +1,9 @@
-// CPU lora_linear: the base GEMM through ATen, then the LoRA path fused into its
-// output in one pass (fp32 [T, r] intermediate, B @ A never formed).
+// CPU lora_linear. Forward: the LoRA update (bias + scale * B @ (A @ x), fp32 [T, r]
+// intermediate, B @ A never formed) is written into a fresh output, then the base GEMM
+// accumulates onto it (ATen's addmm_, beta = 1), so the output is written once by the
+// update and read once inside the GEMM. The intermediate is returned for the backward.
+// Backward: grad_x the same way (scale * (g @ B) @ A, then += g @ W), with g @ B kept
+// in fp32 and reused for grad_a; grad_b from the saved intermediate.
 #include "cpu/lora_rows.h"
 #include "dispatch.h"
 #include "ops.h"
@@ -8,58 +12,95 @@
 #include <torch/library.h>
 
 namespace lora_ext::cpu {
+namespace {
 
-at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight,
-                       const std::optional<at::Tensor>& bias, const at::Tensor& lora_a_in,
-                       const at::Tensor& lora_b_in, double scale) {
+at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// y = [base row] + scale * (x @ a^T) @ b^T over every row of x, with the [T, r]
+// intermediate written to xa (acc dtype, contiguous). a: [r, in], b: [out, r], both
+// contiguous; base: null, or one row broadcast (a bias).
+void rank_update(const at::Tensor& x2, const at::Tensor& a, const at::Tensor& b,
+                 const std::optional<at::Tensor>& bias_row, double scale, at::Tensor& y,
+                 at::Tensor& xa) {
+  const int64_t in = x2.size(1), out = b.size(0), rank = a.size(0);
+  LORA_EXT_DISPATCH_FLOATING_TYPES(x2.scalar_type(), "lora_linear", [&] {
+    using Acc = acc_t<scalar_t>;
+    const Acc scale_acc = static_cast<Acc>(scale);
+    RowsProblem<scalar_t> p{x2.const_data_ptr<scalar_t>(),
+                            in,
+                            a.const_data_ptr<scalar_t>(),
+                            0,
+                            b.const_data_ptr<scalar_t>(),
+                            0,
+                            rank,
+                            out,
+                            &scale_acc,
+                            &rank,
+                            bias_row ? bias_row->const_data_ptr<scalar_t>() : nullptr,
+                            y.mutable_data_ptr<scalar_t>(),
+                            out};
+    p.base_ld = 0;
+    p.xa_out = xa.mutable_data_ptr<Acc>();
+    lora_rows_forward(p, single_group(x2.size(0)));
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> lora_linear(const at::Tensor& x, const at::Tensor& weight,
+                                               const std::optional<at::Tensor>& bias,
+                                               const at::Tensor& lora_a_in,
+                                               const at::Tensor& lora_b_in, double scale) {
   check_lora_linear_args(x, weight, bias, lora_a_in, lora_b_in);
   const int64_t in = weight.size(1), out = weight.size(0), rank = lora_a_in.size(0);
   const at::Tensor x2 = x.reshape({-1, in}).contiguous();
-  const bool has_bias = bias.has_value() && bias->defined();
-  at::Tensor y = has_bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
-  y = y.contiguous();
-  const at::Tensor lora_a = lora_a_in.contiguous(), lora_b = lora_b_in.contiguous();
-  const int64_t rank_of = rank;
-  LORA_EXT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lora_linear", [&] {
-    const acc_t<scalar_t> scale_acc = static_cast<acc_t<scalar_t>>(scale);
-    const RowsProblem<scalar_t> p{x2.const_data_ptr<scalar_t>(),
-                                  in,
-                                  lora_a.const_data_ptr<scalar_t>(),
-                                  0,
-                                  lora_b.const_data_ptr<scalar_t>(),
-                                  0,
-                                  rank,
-                                  out,
-                                  &scale_acc,
-                                  &rank_of,
-                                  y.const_data_ptr<scalar_t>(),
-                                  y.mutable_data_ptr<scalar_t>(),
-                                  out};
-    lora_rows_forward(p, single_group(x2.size(0)));
-  });
-  auto out_shape = x.sizes().vec();
-  out_shape.back() = out;
-  return y.view(out_shape);
+  std::optional<at::Tensor> bias_row;
+  if (bias.has_value() && bias->defined()) bias_row = bias->contiguous();
+  at::Tensor y = at::empty({x2.size(0), out}, x.options());
+  at::Tensor xa = at::empty({x2.size(0), rank}, x.options().dtype(acc_dtype(x.scalar_type())));
+  rank_update(x2, lora_a_in.contiguous(), lora_b_in.contiguous(), bias_row, scale, y, xa);
+  y.addmm_(x2, weight.t());
+  auto shape = x.sizes().vec();
+  shape.back() = out;
+  auto xa_shape = x.sizes().vec();
+  xa_shape.back() = rank;
+  return {y.view(shape), xa.view(xa_shape)};
 }
 
 GradTuple5 lora_linear_backward(const at::Tensor& grad_out, const at::Tensor& x,
                                 const at::Tensor& weight, const at::Tensor& lora_a,
-                                const at::Tensor& lora_b, double scale,
+                                const at::Tensor& lora_b, const at::Tensor& xa, double scale,
                                 std::array<bool, 5> output_mask) {
   check_lora_linear_backward_args(grad_out, x, weight, lora_a, lora_b);
-  const auto [need_x, need_w, need_bias, need_a, need_b] = output_mask;
-  const int64_t in = weight.size(1), out = weight.size(0);
-  const at::Tensor g = grad_out.reshape({-1, out});
+  const auto dtype = x.scalar_type(), acc = acc_dtype(dtype);
+  const int64_t in = weight.size(1), out = weight.size(0), rank = lora_a.size(0);
+  const at::Tensor g = grad_out.reshape({-1, out}).contiguous();
   const at::Tensor x2 = x.reshape({-1, in});
+  const int64_t rows = g.size(0);
+  TORCH_CHECK(xa.scalar_type() == acc && xa.numel() == rows * rank && xa.size(-1) == rank,
+              "lora_linear_backward: xa must be lora_linear's second output (", rows, " x ",
+              rank, " in ", acc, "), got shape ", xa.sizes(), " and dtype ", xa.scalar_type());
+  const auto [need_x, need_w, need_bias, need_a, need_b] = output_mask;
   const at::Tensor empty = x.new_empty({0});
-  // g @ B is shared by grad_x and grad_a.
-  const at::Tensor gb = (need_x || need_a) ? at::mm(g, lora_b) : empty;  // [T, r]
   at::Tensor grad_x = empty, grad_w = empty, grad_bias = empty, grad_a = empty, grad_b = empty;
-  if (need_x) grad_x = at::mm(g, weight).addmm_(gb, lora_a, 1.0, scale).view(x.sizes());
+  // g @ B in fp32, shared by grad_x and grad_a.
+  at::Tensor gb;
+  if (need_x) {
+    // grad_x = scale * (g @ B) @ A (our kernel, which also hands back g @ B), then
+    // += g @ W inside the GEMM.
+    gb = at::empty({rows, rank}, x.options().dtype(acc));
+    at::Tensor gx = at::empty({rows, in}, x.options());
+    rank_update(g, lora_b.t().contiguous(), lora_a.t().contiguous(), std::nullopt, scale, gx, gb);
+    gx.addmm_(g, weight);
+    grad_x = gx.view(x.sizes());
+  } else if (need_a) {
+    gb = at::mm(g.to(acc), lora_b.to(acc));
+  }
   if (need_w) grad_w = at::mm(g.t(), x2);
   if (need_bias) grad_bias = g.sum(0);
-  if (need_a) grad_a = at::mm(gb.t(), x2).mul_(scale);
-  if (need_b) grad_b = at::mm(g.t(), at::mm(x2, lora_a.t())).mul_(scale);
+  // The rank-r operands, scaled, are rounded once to the input dtype for the GEMMs.
+  if (need_a) grad_a = at::mm(gb.mul(scale).to(dtype).t(), x2);
+  if (need_b) grad_b = at::mm(g.t(), xa.reshape({rows, rank}).mul(scale).to(dtype));
   return {grad_x, grad_w, grad_bias, grad_a, grad_b};
 }
 

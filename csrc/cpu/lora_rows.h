@@ -42,7 +42,11 @@ struct RowsProblem {
   const int64_t* ranks;  // [N]
   const T* base;       // [T, out] or null; may equal y (then y is updated in place)
   T* y;                // [T, out]
-  int64_t ldy;         // row stride of y and base (>= out; > out for a column slice)
+  int64_t ldy;         // row stride of y (>= out; > out for a column slice)
+  int64_t base_ld = -1;  // row stride of base: -1 the same as y's, 0 one row for all (a bias)
+  // With one group only: when set, receives the rank-r intermediate A @ x[t] of every
+  // row t at xa_out + t * rank (fp32, what the backward needs).
+  acc_t<T>* xa_out = nullptr;
 };
 
 template <typename T>

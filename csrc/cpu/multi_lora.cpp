@@ -81,6 +81,7 @@ void lora_rows_forward(const RowsProblem<T>& p, const AdapterGroups& groups) {
   int64_t max_rank = 0;
   for (int64_t g = 0; g < num_groups; ++g) max_rank = std::max(max_rank, p.ranks[groups.adapter[g]]);
 
+  const int64_t base_ld = p.base_ld < 0 ? p.ldy : p.base_ld;
   // Rows with no adapter: y = base (or 0).
   const int64_t row_bytes = p.out * static_cast<int64_t>(sizeof(T));
   const int64_t num_skipped = static_cast<int64_t>(groups.skipped.size());
@@ -90,7 +91,7 @@ void lora_rows_forward(const RowsProblem<T>& p, const AdapterGroups& groups) {
       if (p.base == nullptr) {
         std::memset(p.y + t * p.ldy, 0, row_bytes);
       } else if (p.base != p.y) {
-        std::memcpy(p.y + t * p.ldy, p.base + t * p.ldy, row_bytes);
+        std::memcpy(p.y + t * p.ldy, p.base + t * base_ld, row_bytes);
       }
     }
   });
@@ -124,6 +125,12 @@ void lora_rows_forward(const RowsProblem<T>& p, const AdapterGroups& groups) {
       mk.shrink(x_rows, xa_rows, n, p.a + i * p.a_stride, p.ranks[i], p.in);
     }
   });
+  if (p.xa_out != nullptr) {
+    TORCH_INTERNAL_ASSERT(num_groups == 1, "xa_out needs a single group");
+    const int64_t rank = p.ranks[groups.adapter[0]];
+    for (int64_t q = 0; q < groups.offset[1]; ++q)
+      std::memcpy(p.xa_out + groups.order[q] * rank, xa.data() + q * xa_stride, rank * sizeof(Acc));
+  }
 
   // Expand: y[t] = base[t] + scale * B_i[:, :r] @ xa[t]. Two shapes of work:
   // - groups of at most kDotRows rows (decode): one item per (group, block of outputs),
@@ -142,7 +149,7 @@ void lora_rows_forward(const RowsProblem<T>& p, const AdapterGroups& groups) {
     for (int64_t k = 0; k < n; ++k) {
       const int64_t t = groups.order[q0 + k];
       xa_rows[k] = xa.data() + (q0 + k) * xa_stride;
-      base_rows[k] = p.base ? p.base + t * p.ldy + o0 : nullptr;
+      base_rows[k] = p.base ? p.base + t * base_ld + o0 : nullptr;
       y_rows[k] = p.y + t * p.ldy + o0;
     }
   };
@@ -314,16 +321,19 @@ GradTuple3 multi_lora_backward(const at::Tensor& grad_in, const at::Tensor& x_in
   const at::Tensor order = at::from_blob(const_cast<int64_t*>(groups.order.data()),
                                          {static_cast<int64_t>(groups.order.size())},
                                          at::TensorOptions().dtype(at::kLong));
+  // 16-bit inputs: the products run in fp32 and each gradient is rounded once, when it
+  // is stored (g @ B rounded to 16 bits before meeting A loses digits to cancellation).
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   // Per adapter: a handful of GEMMs over its rows (training batches have many rows each).
   for (int64_t g = 0; g < groups.size(); ++g) {
     const int64_t i = groups.adapter[g], r = rank_of[i];
     const double s = scale_of[i];
     const at::Tensor rows = order.slice(0, groups.offset[g], groups.offset[g + 1]);
-    const at::Tensor xg = x.index_select(0, rows), gg = grad.index_select(0, rows);
-    const at::Tensor a_i = a_stack[i].narrow(0, 0, r);     // [r, in]
-    const at::Tensor b_i = b_stack[i].narrow(1, 0, r);     // [out, r]
-    const at::Tensor gb = at::mm(gg, b_i);                 // [n, r]
-    if (need_x) grad_x.index_copy_(0, rows, at::mm(gb, a_i).mul_(s));
+    const at::Tensor xg = x.index_select(0, rows).to(acc), gg = grad.index_select(0, rows).to(acc);
+    const at::Tensor a_i = a_stack[i].narrow(0, 0, r).to(acc);  // [r, in]
+    const at::Tensor b_i = b_stack[i].narrow(1, 0, r).to(acc);  // [out, r]
+    const at::Tensor gb = at::mm(gg, b_i);                      // [n, r]
+    if (need_x) grad_x.index_copy_(0, rows, at::mm(gb, a_i).mul_(s).to(x.scalar_type()));
     if (need_a) grad_a[i].narrow(0, 0, r).copy_(at::mm(gb.t(), xg).mul_(s));
     if (need_b) grad_b[i].narrow(1, 0, r).copy_(at::mm(gg.t(), at::mm(xg, a_i.t())).mul_(s));
   }

@@ -51,9 +51,10 @@ void expand_into(const at::Tensor& h, const at::Tensor& q, int64_t q_sn, int64_t
 
 }  // namespace
 
-at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight,
-                       const std::optional<at::Tensor>& bias_in, const at::Tensor& lora_a_in,
-                       const at::Tensor& lora_b_in, double scale) {
+std::tuple<at::Tensor, at::Tensor> lora_linear(const at::Tensor& x, const at::Tensor& weight,
+                                               const std::optional<at::Tensor>& bias_in,
+                                               const at::Tensor& lora_a_in,
+                                               const at::Tensor& lora_b_in, double scale) {
   check_lora_linear_args(x, weight, bias_in, lora_a_in, lora_b_in);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t in = weight.size(1), out = weight.size(0);
@@ -68,14 +69,22 @@ at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight,
   at::Tensor y = at::empty({x2.size(0), out}, x.options());
   expand_into<false>(h, lora_b, /*q_sn=*/lora_b.size(1), /*q_sk=*/1, bias, scale, y);
   y.addmm_(x2, weight.t());
-  return y.view(out_shape);
+  auto h_shape = x.sizes().vec();
+  h_shape.back() = lora_a.size(0);
+  return {y.view(out_shape), h.view(h_shape)};  // h is what the backward needs for grad_b
 }
 
 GradTuple5 lora_linear_backward(const at::Tensor& grad_out, const at::Tensor& x,
                                 const at::Tensor& weight, const at::Tensor& lora_a_in,
-                                const at::Tensor& lora_b_in, double scale,
-                                std::array<bool, 5> output_mask) {
+                                const at::Tensor& lora_b_in, const at::Tensor& xa,
+                                double scale, std::array<bool, 5> output_mask) {
   check_lora_linear_backward_args(grad_out, x, weight, lora_a_in, lora_b_in);
+  TORCH_CHECK(xa.device() == x.device() && xa.scalar_type() == acc_dtype(x.scalar_type()) &&
+                  xa.size(-1) == lora_a_in.size(0) &&
+                  xa.numel() == grad_out.numel() / weight.size(0) * lora_a_in.size(0),
+              "lora_linear_backward: xa must be lora_linear's second output ([..., r] in ",
+              acc_dtype(x.scalar_type()), " on ", x.device(), "), got shape ", xa.sizes(),
+              ", dtype ", xa.scalar_type(), " on ", xa.device());
   const c10::cuda::CUDAGuard guard(x.device());
   const auto [need_x, need_w, need_bias, need_a, need_b] = output_mask;
   const int64_t in = weight.size(1), out = weight.size(0);
@@ -98,10 +107,7 @@ GradTuple5 lora_linear_backward(const at::Tensor& grad_out, const at::Tensor& x,
   // The rank-r operands are rounded once to the input dtype for cuBLAS; products and
   // sums stay fp32 until the final rounding.
   if (need_a) grad_a = mm_acc(gb.to(dtype).t(), x2).mul_(scale).to(dtype);
-  if (need_b) {
-    const at::Tensor h = mm_acc(x2, lora_a.t()).to(dtype);  // [T, r]
-    grad_b = mm_acc(g.t(), h).mul_(scale).to(dtype);
-  }
+  if (need_b) grad_b = mm_acc(g.t(), xa.reshape({-1, lora_a.size(0)}).to(dtype)).mul_(scale).to(dtype);
   return {grad_x, grad_w, grad_bias, grad_a, grad_b};
 }
 
