@@ -318,6 +318,10 @@ def _plan(model: nn.Module, config: dict, tensors: Mapping, where: str):
             )
         if not (a.is_floating_point() and b.is_floating_point()):
             raise ValueError(f"{where}: {module_path} weights must be floating point, got {a.dtype}")
+        # A damaged or diverged adapter: every output row it touched would be NaN or inf.
+        for which, t in (("lora_A", a), ("lora_B", b)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{where}: {module_path}.{which}.weight holds non-finite values (NaN or inf)")
         alpha = _pattern_value(alpha_pattern, module_path, alpha_default)
         plan[module_path] = AdapterSpec(
             int(r), float(alpha), float(config.get("lora_dropout", 0.0) or 0.0), bool(config.get("use_rslora", False))

@@ -195,6 +195,10 @@ def _bad_cases(saved, tmp_path):
     }), ValueError, "no module"
     yield "half a pair", _copy(saved, tmp_path / "bf16", drop=[f"{Q0}.lora_B.weight"]), ValueError, "no lora_B"
     yield "not lora", _copy(saved, tmp_path / "ia3", config_update={"peft_type": "IA3"}), ValueError, "IA3"
+    nan_b = load_file(saved / "adapter_model.safetensors")[f"{Q0}.lora_B.weight"].clone()
+    nan_b[3, 1] = float("nan")
+    yield "non-finite", _copy(saved, tmp_path / "nan", tensors_update={f"{Q0}.lora_B.weight": nan_b}), \
+        ValueError, "non-finite"
 
 
 def test_bad_adapter_files_change_nothing(tiny_llama, saved, tmp_path, ids):
