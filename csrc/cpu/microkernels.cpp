@@ -542,9 +542,106 @@ struct Impl {
     return overflows;
   }
 
+  // -------------------------------------------------------------------------
+  // rank_outer: kOuterRows rows of rhs at a time across the whole column range
+  // (sequential streams the prefetcher follows), partial sums kept in `out` between
+  // chunks; per block of NV vectors of columns, the ranks JB at a time (JB * NV = 16
+  // accumulators, JB broadcasts and NV loads per 16 FMAs; the block's rows stay in L1
+  // across rank groups).
+
+  static constexpr int64_t kOuterRows = 16;
+  static constexpr int kOuterJB = 4, kOuterNV = 4;
+
+  static void outer_rows(const Acc* lhs, int64_t rank, const T* rhs, int64_t ldr, int64_t t0,
+                         int64_t tn, int64_t ncols, Acc* out, int64_t ldo) {
+    constexpr int JB = kOuterJB, NV = kOuterNV;
+    constexpr int64_t kCols = NV * kVL;
+    const Acc* l = lhs + t0 * rank;
+    for (int64_t c = 0; c < ncols; c += kCols) {
+      const int64_t nc = std::min<int64_t>(kCols, ncols - c);
+      for (int64_t j0 = 0; j0 < rank; j0 += JB) {
+        const int64_t jn = std::min<int64_t>(JB, rank - j0);
+        const bool whole = nc == kCols && jn == JB;
+        alignas(64) Acc tile[JB][kCols];
+        Vec acc[JB][NV];
+        if (t0 == 0) {
+#pragma GCC unroll 4
+          for (int jj = 0; jj < JB; ++jj)
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) acc[jj][v] = Vec(Acc(0));
+        } else if (whole) {
+#pragma GCC unroll 4
+          for (int jj = 0; jj < JB; ++jj)
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) acc[jj][v] = Vec::loadu(out + (j0 + jj) * ldo + c + v * kVL);
+        } else {
+          for (int jj = 0; jj < JB; ++jj) {
+            std::fill(tile[jj], tile[jj] + kCols, Acc(0));
+            if (jj < jn) std::copy(out + (j0 + jj) * ldo + c, out + (j0 + jj) * ldo + c + nc, tile[jj]);
+          }
+#pragma GCC unroll 4
+          for (int jj = 0; jj < JB; ++jj)
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) acc[jj][v] = Vec::loadu(tile[jj] + v * kVL);
+        }
+        for (int64_t t = 0; t < tn; ++t) {
+          const T* r = rhs + (t0 + t) * ldr + c;
+          Vec xv[NV];
+          if (nc == kCols) {
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) xv[v] = load(r + v * kVL);
+          } else {
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) {
+              const int64_t left = nc - v * kVL;
+              xv[v] = left >= kVL ? load(r + v * kVL) : left > 0 ? load(r + v * kVL, left) : Vec(Acc(0));
+            }
+          }
+          const Acc* lt = l + t * rank + j0;
+#pragma GCC unroll 4
+          for (int jj = 0; jj < JB; ++jj) {
+            // Past the rank, alias its last row: computed, never stored.
+            const Vec b(lt[jj < jn ? jj : jn - 1]);
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) acc[jj][v] = at::vec::fmadd(b, xv[v], acc[jj][v]);
+          }
+        }
+        if (whole) {
+#pragma GCC unroll 4
+          for (int jj = 0; jj < JB; ++jj)
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) acc[jj][v].store(out + (j0 + jj) * ldo + c + v * kVL);
+        } else {
+#pragma GCC unroll 4
+          for (int jj = 0; jj < JB; ++jj)
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) acc[jj][v].store(tile[jj] + v * kVL);
+          for (int64_t jj = 0; jj < jn; ++jj) std::copy(tile[jj], tile[jj] + nc, out + (j0 + jj) * ldo + c);
+        }
+      }
+    }
+  }
+
+  static void rank_outer(const Acc* lhs, int64_t rank, const T* rhs, int64_t ldr, int64_t rows,
+                         int64_t ncols, Acc scale, Acc* out, int64_t ldo) {
+    if (rows == 0)
+      for (int64_t j = 0; j < rank; ++j) std::fill(out + j * ldo, out + j * ldo + ncols, Acc(0));
+    // The first chunk starts from zero; later ones add to the partial sums in out.
+    for (int64_t t0 = 0; t0 < rows; t0 += kOuterRows)
+      outer_rows(lhs, rank, rhs, ldr, t0, std::min(kOuterRows, rows - t0), ncols, out, ldo);
+    const Vec vscale(scale);
+    for (int64_t j = 0; j < rank; ++j) {
+      Acc* o = out + j * ldo;
+      int64_t c = 0;
+      for (; c + kVL <= ncols; c += kVL) (Vec::loadu(o + c) * vscale).store(o + c);
+      for (; c < ncols; ++c) o[c] *= scale;
+    }
+  }
+
   static MicroKernels<T> table() {
     return MicroKernels<T>{C10_STRINGIZE(CPU_CAPABILITY), kBf16Pairs, kOutBlock, &shrink,
-                           &pack_bt, &expand, &expand_dot, &merge_tile};
+                           &pack_bt, &expand, &expand_dot, &merge_tile, static_cast<int>(2 * kVL),
+                           &rank_outer};
   }
 };
 

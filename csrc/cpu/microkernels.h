@@ -70,6 +70,13 @@ struct MicroKernels {
                         const Acc* a, const Acc* b, int64_t rank, const uint32_t* a_pairs,
                         const uint32_t* b_pairs, Acc scale, MergeMode mode,
                         int64_t* overflow_offset, T* overflow_value, int64_t overflow_count);
+  // Column granularity for splitting rank_outer's columns between threads.
+  int outer_cols;
+  // out[j * ldo + c] = scale * sum_t lhs[t * rank + j] * rhs[t * ldr + c]  for j < rank,
+  // c < ncols, t < rows: a rank-r weight gradient (lhs is the fp32 [T, r]
+  // intermediate), fp32 accumulation over all rows.
+  void (*rank_outer)(const Acc* lhs, int64_t rank, const T* rhs, int64_t ldr, int64_t rows,
+                     int64_t ncols, Acc scale, Acc* out, int64_t ldo);
 };
 
 template <typename T>
