@@ -4,7 +4,8 @@
     python benchmarks/train_w11.py                     # SmolLM2-135M, batch 8x128, 2 ranks
     python benchmarks/train_w11.py --tiny --steps 2    # a tiny random Llama: seconds
 
-Three configurations, each in fresh processes: one process with ``--world`` threads,
+Three configurations, each in fresh processes, in ``--rounds`` rounds (every other one in
+reverse order; step times pooled): one process with ``--world`` threads,
 then ``--world`` ranks x 1 thread over gloo with DistributedDataParallel and with FSDP2
 (``lora_ext.parallel.fully_shard`` per decoder layer and the root). The global batch
 is W8's (random ids, seed 0); each rank takes its share. A step is W8's: forward with
@@ -188,17 +189,21 @@ def worker(mode: str, rank: int, world: int, init: str, out: str, steps: int, ba
 
 
 def run(steps: int = 3, batch: int = 8, seq: int = 128, world: int = 2, tiny: bool = False,
-        timeout: float = 3600) -> dict:
-    """Every configuration in fresh processes, one after the other; returns their results."""
+        timeout: float = 3600, rounds: int = 1) -> dict:
+    """Every configuration in fresh processes, one after the other, ``rounds`` times (every
+    other round in reverse order, so that a shared machine's drift hits all alike); step
+    times of all rounds pooled."""
     results = {}
+    order = [m for i in range(rounds) for m in (MODES if i % 2 == 0 else MODES[::-1])]
     with tempfile.TemporaryDirectory(prefix="lora_ext_w11_") as tmp:
-        for mode in MODES:
+        for i, mode in enumerate(order):
             ranks = 1 if mode == "single" else world
-            out = Path(tmp) / f"{mode}.json"
+            out = Path(tmp) / f"{mode}-{i}.json"
             cmd = lambda r: [sys.executable, __file__, "--worker", mode, str(r), str(world),  # noqa: E731
-                             str(Path(tmp) / f"{mode}.store"), str(out), "--steps", str(steps),
+                             str(Path(tmp) / f"{mode}-{i}.store"), str(out), "--steps", str(steps),
                              "--batch", str(batch), "--seq", str(seq)] + (["--tiny"] if tiny else [])
             env = dict(os.environ, OMP_NUM_THREADS="1" if ranks > 1 else str(world))
+            load = os.getloadavg()[0]  # a shared machine: shows whether others were running
             procs = [subprocess.Popen(cmd(r), env=env) for r in range(ranks)]
             deadline = time.monotonic() + timeout
             for p in procs:
@@ -210,8 +215,12 @@ def run(steps: int = 3, batch: int = 8, seq: int = 128, world: int = 2, tiny: bo
                     raise RuntimeError(f"W11 {mode}: did not finish within {timeout} s") from None
             if any(p.returncode for p in procs):
                 raise RuntimeError(f"W11 {mode}: a process failed (exit codes {[p.returncode for p in procs]})")
-            results[mode] = json.loads(out.read_text())
-            r = results[mode]
+            r = json.loads(out.read_text())
+            r["load_average"] = [round(load, 2), round(os.getloadavg()[0], 2)]
+            if mode in results:  # a later round: pool the step times
+                r["step_seconds"] = results[mode]["step_seconds"] + r["step_seconds"]
+                r["load_average"] = results[mode]["load_average"] + r["load_average"]
+            results[mode] = r
             med = statistics.median(r["step_seconds"])
             r["tokens_per_s"] = r["tokens_per_step"] / med
             print(f"W11 {mode}: {r['tokens_per_s']:.1f} tokens/s (median step {med:.2f} s)"
@@ -231,7 +240,7 @@ def _quantile(values: list[float], q: float) -> float:
 def result(args) -> dict:
     """W11 as one entry of run.py's report (``args``: run.py's; ``--model-reps`` timed steps)."""
     batch, seq = (2, 16) if args.tiny else (8, 128)
-    res = run(steps=args.model_reps, batch=batch, seq=seq, tiny=args.tiny)
+    res = run(steps=args.model_reps, batch=batch, seq=seq, tiny=args.tiny, rounds=2)
     variants, extra = [], {}
     for mode, r in res.items():
         ms = [s * 1e3 for s in r["step_seconds"]]
@@ -243,6 +252,7 @@ def result(args) -> dict:
             extra[f"{mode}_over_single_tokens_per_s"] = r["tokens_per_s"] / res["single"]["tokens_per_s"]
             extra[f"{mode}_comm_bytes_per_step"] = r["comm_bytes_by_kind"]
             extra[f"{mode}_full_finetune_comm_bytes"] = r["full_finetune_comm_bytes_by_kind"]
+        extra[f"{mode}_load_average_before_after_each_round"] = r["load_average"]
     extra["lora_param_bytes"] = res["single"]["lora_param_bytes"]
     extra["model_param_bytes"] = res["single"]["model_param_bytes"]
     desc = (f"W8's training step ({'tiny random Llama' if args.tiny else 'SmolLM2-135M'}, r=16 on q,k,v,o,gate,up,"
@@ -258,6 +268,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--world", type=int, default=2, help="ranks (and the single process's threads)")
+    p.add_argument("--rounds", type=int, default=2, help="rounds over the configurations (default 2)")
     p.add_argument("--tiny", action="store_true", help="a tiny random Llama instead of SmolLM2-135M")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--worker", nargs=5, metavar=("MODE", "RANK", "WORLD", "INIT", "OUT"), help=argparse.SUPPRESS)
@@ -266,7 +277,7 @@ def main(argv=None) -> int:
         mode, rank, world, init, out = args.worker
         worker(mode, int(rank), int(world), init, out, args.steps, args.batch, args.seq, args.tiny)
         return 0
-    res = run(args.steps, args.batch, args.seq, args.world, args.tiny)
+    res = run(args.steps, args.batch, args.seq, args.world, args.tiny, rounds=args.rounds)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
     print(json.dumps({m: {k: v for k, v in r.items() if k != "step_seconds"} for m, r in res.items()}, indent=1))
