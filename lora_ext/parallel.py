@@ -29,8 +29,8 @@ sharded on the last dimension out; row-wise: sharded in, replicated out; local
 tensors, or DTensors in with ``use_local_output=False`` out).
 
 Gradients: the input's gradient is all-reduced column-wise (as PyTorch's style does),
-and the whole factor's (``A`` column-wise, ``B`` row-wise) is all-reduced as the backward
-of the backward, so every rank's copy stays equal. Create the optimizer after
+and the whole factor's (``A`` column-wise, ``B`` row-wise; each rank computes a partial
+sum of it) is all-reduced during the backward, so every rank's copy stays equal. Create the optimizer after
 sharding. Load or add adapters *before* sharding: a sharded layer refuses new ones
 (:func:`lora_ext.load_adapter` raises). :func:`lora_ext.save_adapter`, called on every
 rank, gathers the shards and writes the full adapter. With LoRA dropout, row-wise
