@@ -30,11 +30,11 @@ tensors, or DTensors in with ``use_local_output=False`` out).
 
 Gradients: the input's gradient is all-reduced column-wise (as PyTorch's style does),
 and the whole factor's (``A`` column-wise, ``B`` row-wise; each rank computes a partial
-sum of it) is all-reduced during the backward, so every rank's copy stays equal. Create the optimizer after
-sharding. Load or add adapters *before* sharding: a sharded layer refuses new ones
-(:func:`lora_ext.load_adapter` raises). :func:`lora_ext.save_adapter`, called on every
-rank, gathers the shards and writes the full adapter. With LoRA dropout, row-wise
-shards draw their masks per shard.
+sum of it) is all-reduced during the backward, so every rank's copy stays equal.
+Create the optimizer after sharding. Load or add adapters *before* sharding: a sharded
+layer refuses new ones (:func:`lora_ext.load_adapter` raises).
+:func:`lora_ext.save_adapter`, called on every rank, gathers the shards and writes the
+full adapter. With LoRA dropout, row-wise shards draw their masks per shard.
 """
 
 from __future__ import annotations
