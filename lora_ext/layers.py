@@ -327,12 +327,23 @@ class LoRALinear(nn.Module):
     ranks = property(lambda self: self.stacks()[3])
 
     def _trains(self, names) -> bool:
-        """Whether gradients must reach the parameters of any of ``names`` in this layer."""
-        if not torch.is_grad_enabled():
+        """Whether forward must read the parameters of ``names`` rather than the stacks:
+        gradients must reach them, or they are no longer the stacks' views (FSDP2 swaps in
+        its own, so the stacks are stale)."""
+        if torch.is_grad_enabled():
+            for n in names:
+                if n in self.specs and (self.lora_A[n].requires_grad or self.lora_B[n].requires_grad):
+                    return True
+        return self._params_replaced(names)
+
+    def _params_replaced(self, names) -> bool:
+        # FSDP2 (lora_ext.parallel.fully_shard) replaces all of a layer's adapters: one tells.
+        if torch.compiler.is_compiling():
             return False
         for n in names:
-            if n in self.specs and (self.lora_A[n].requires_grad or self.lora_B[n].requires_grad):
-                return True
+            p = self._modules["lora_A"]._parameters.get(n)
+            if p is not None:
+                return p.untyped_storage().data_ptr() != self._buffers["_a_stack"].untyped_storage().data_ptr()
         return False
 
     def _stack_params(self, names: list[str], dtype: torch.dtype):
@@ -364,10 +375,42 @@ class LoRALinear(nn.Module):
 
     # -- forward -----------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        w, bias = self.base_layer.weight, self.base_layer.bias
         selection = self._context.active_selection()
-        if selection is None or self._a_stack is None:
-            return F.linear(x, w, bias)
+        buffers = self._buffers  # read directly: nn.Module.__getattr__ costs per access
+        a_stack = buffers["_a_stack"]
+        if selection is None or a_stack is None:
+            base = self._modules["base_layer"]
+            return F.linear(x, base.weight, base.bias)
+        if torch.compiler.is_compiling():  # guards on nothing that a new selection changes
+            return self._forward_general(x, selection)
+        slot = selection.uniform_slot
+        if (
+            self._merged is None
+            and (slot is None or (slot >= 0 and self._slot_spec[slot] is not None))
+            and not (x.requires_grad and torch.is_grad_enabled())
+            and not (self.training and self._num_dropout > 0)
+            and not self._trains(selection.used_names)
+        ):
+            # Inference: the base GEMM's output takes the update in place (one [T, out]
+            # tensor, as nn.Linear), every row read by slot from the stacks.
+            base = self._modules["base_layer"]
+            y = F.linear(x, base.weight, base.bias)
+            if y.dtype == x.dtype == a_stack.dtype:  # else (autocast) the general path
+                ops.multi_lora_add_(
+                    y.view(-1, self.out_features),
+                    x.reshape(-1, self.in_features),
+                    a_stack,
+                    buffers["_b_stack"],
+                    selection.row_index(x),
+                    buffers["_scales"],
+                    buffers["_ranks"],
+                )
+                return y
+        return self._forward_general(x, selection)
+
+    def _forward_general(self, x: Tensor, selection) -> Tensor:
+        """Merged weights, torch.compile, autograd, dropout: functional ops."""
+        w, bias = self.base_layer.weight, self.base_layer.bias
         if self._merged is not None:
             if selection.is_uniform and selection.names[0] in (None, self._merged["name"]):
                 return F.linear(x, w, bias)
