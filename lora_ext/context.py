@@ -86,11 +86,13 @@ class _Selection:
         batch k times the selection (``num_beams``, ``num_return_sequences``) repeats each
         entry k times, as ``repeat_interleave`` does.
         """
-        batch = x.shape[0] if x.dim() > 1 else 1
-        tokens = math.prod(x.shape[1:-1]) if x.dim() > 2 else 1
-        key = (x.device, batch, tokens, compact)
+        # Keyed by the whole shape: cheaper per layer call than deriving batch and tokens.
+        shape = x.shape
+        key = (shape, x.device, compact)
         index = self._indices.get(key)
         if index is None:
+            batch = shape[0] if len(shape) > 1 else 1
+            tokens = math.prod(shape[1:-1]) if len(shape) > 2 else 1
             rows = self.compact_rows if compact else self.rows
             index = expand_rows(rows, batch, tokens).to(x.device)
             if len(self._indices) >= _MAX_CACHED_INDICES:

@@ -330,16 +330,23 @@ class LoRALinear(nn.Module):
         """Whether forward must read the parameters of ``names`` rather than the stacks:
         gradients must reach them, or they are no longer the stacks' views (FSDP2 swaps in
         its own, so the stacks are stale)."""
-        if torch.is_grad_enabled():
-            for n in names:
-                if n in self.specs and (self.lora_A[n].requires_grad or self.lora_B[n].requires_grad):
-                    return True
+        if torch.is_grad_enabled() and self._params_require_grad(names):
+            return True
         return self._params_replaced(names)
 
+    def _params_require_grad(self, names) -> bool:
+        for n in names:
+            if n in self.specs and (self.lora_A[n].requires_grad or self.lora_B[n].requires_grad):
+                return True
+        return False
+
     def _params_replaced(self, names) -> bool:
-        # FSDP2 (lora_ext.parallel.fully_shard) replaces all of a layer's adapters: one tells.
         if torch.compiler.is_compiling():
             return False
+        return self._storage_swapped(names)
+
+    def _storage_swapped(self, names) -> bool:
+        # FSDP2 (lora_ext.parallel.fully_shard) replaces all of a layer's adapters: one tells.
         for n in names:
             p = self._modules["lora_A"]._parameters.get(n)
             if p is not None:
@@ -384,12 +391,17 @@ class LoRALinear(nn.Module):
         if torch.compiler.is_compiling():  # guards on nothing that a new selection changes
             return self._forward_general(x, selection)
         slot = selection.uniform_slot
+        # self._trains(names), unrolled: this runs once per layer call, so each check is
+        # made once, the cheapest first, and is_compiling is not asked again.
         if (
             self._merged is None
             and (slot is None or (slot >= 0 and self._slot_spec[slot] is not None))
-            and not (x.requires_grad and torch.is_grad_enabled())
             and not (self.training and self._num_dropout > 0)
-            and not self._trains(selection.used_names)
+            and not (
+                torch.is_grad_enabled()
+                and (x.requires_grad or self._params_require_grad(selection.used_names))
+            )
+            and not self._storage_swapped(selection.used_names)
         ):
             # Inference: the base GEMM's output takes the update in place (one [T, out]
             # tensor, as nn.Linear), every row read by slot from the stacks.
