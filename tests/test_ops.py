@@ -105,6 +105,25 @@ def test_multi_lora_rank_padding_is_ignored(device):
     assert torch.equal(ops.multi_lora(x, a2, b2, idx, scales, ranks, base), y)
 
 
+@pytest.mark.parametrize("R", [8, 16], ids=id_formatter("R"))
+def test_multi_lora_decode_rows_rank_padding_is_ignored(R, device, dtype):
+    """Few rows per adapter (the decode kernels, which read B in place; with R = 8 two B
+    rows per vector): padding past each rank ignored, NaN included, outputs in order."""
+    x, a, b, _, scales, _, base = make_multi_lora(9, 48, 83, 3, R, device, dtype)
+    idx = torch.tensor([0, 0, 1, 1, 2, -1, 2, 2, 1], device=device)
+    ranks = torch.tensor([3, R, R // 2 + 1], device=device)
+    y = ops.multi_lora(x, a, b, idx, scales, ranks, base)
+    assert_close_to_ref(y, ref_multi_lora(x, a, b, idx, scales, ranks, base), dtype, "multi_lora")
+    a2, b2 = a.clone(), b.clone()
+    for i, r in enumerate(ranks.tolist()):
+        a2[i, r:] = float("nan")
+        b2[i, :, r:] = float("nan")
+    assert torch.equal(ops.multi_lora(x, a2, b2, idx, scales, ranks, base), y)
+    y_add = base.clone()
+    ops.multi_lora_add_(y_add, x, a2, b2, idx, scales, ranks)
+    assert torch.equal(y_add, y)
+
+
 def test_multi_lora_non_contiguous(device, dtype):
     x, a, b, idx, scales, ranks, base = make_multi_lora(17, 33, 29, 3, 8, device, dtype)
     x_nc = torch.randn(33, 17, device=device).to(dtype).t()  # transposed view

@@ -224,6 +224,65 @@ struct Impl {
   }
 #endif
 
+#if defined(CPU_CAPABILITY_AVX512)
+  static constexpr int64_t kPairRows = 4;
+
+  // expand_dot for B rows of eight (R = 8, the common decode stack): one vector holds
+  // two B rows, so sixteen outputs take eight aligned loads, shared by all rows, and a
+  // reduction of eight vectors; lanes past the rank are cleared (B may hold anything
+  // there). Returns how many outputs it wrote (a multiple of 16) for every row.
+  static int64_t expand_pairs(const Acc* const* xa_rows, const T* const* base_rows,
+                              T* const* y_rows, int64_t nrows, const T* b, int64_t rank,
+                              int64_t nout, Acc scale) {
+    static_assert(kVL == 16);
+    const __mmask16 half = static_cast<__mmask16>((1u << rank) - 1);
+    const __m512 lane_mask =
+        _mm512_castsi512_ps(_mm512_maskz_set1_epi32(static_cast<__mmask16>(half | (half << 8)), -1));
+    __m512 xx[kPairRows];
+    for (int64_t i = 0; i < nrows; ++i) {
+      const __m512 lo = _mm512_castps256_ps512(_mm256_loadu_ps(xa_rows[i]));
+      xx[i] = _mm512_shuffle_f32x4(lo, lo, _MM_SHUFFLE(1, 0, 1, 0));  // [xa[:8], xa[:8]]
+    }
+    // w's lanes hold outputs 0 2 4 6 | 1 3 5 7 | 8 10 12 14 | 9 11 13 15 (see below).
+    const __m512i order = _mm512_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15);
+    const __m512 vscale = _mm512_set1_ps(scale);
+    int64_t o = 0;
+    for (; o + 16 <= nout; o += 16) {
+      __m512 bv[8];
+#pragma GCC unroll 8
+      for (int q = 0; q < 8; ++q)
+        bv[q] = _mm512_and_ps(__m512(load(b + (o + 2 * q) * 8)), lane_mask);  // rows o+2q, o+2q+1
+      for (int64_t i = 0; i < nrows; ++i) {
+        __m512 pr[8];
+#pragma GCC unroll 8
+        for (int q = 0; q < 8; ++q) pr[q] = _mm512_mul_ps(bv[q], xx[i]);
+        // As reduce16, but each vector holds two sums of eight (its 256-bit halves).
+        __m512 t[4];
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; ++k)
+          t[k] = _mm512_add_ps(_mm512_unpacklo_ps(pr[2 * k], pr[2 * k + 1]),
+                               _mm512_unpackhi_ps(pr[2 * k], pr[2 * k + 1]));
+        __m512 u[2];
+#pragma GCC unroll 2
+        for (int k = 0; k < 2; ++k)
+          u[k] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * k], t[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                               _mm512_shuffle_ps(t[2 * k], t[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+        // 128-bit lanes 0+1 of u[k] are the first row of each pair, 2+3 the second.
+        const __m512 w = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                       _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
+        Vec sums = Vec(_mm512_mul_ps(_mm512_permutexvar_ps(order, w), vscale));
+        if (base_rows != nullptr) sums = sums + load(base_rows[i] + o);
+        if constexpr (std::is_same_v<T, Acc>) {
+          sums.store(y_rows[i] + o);
+        } else {
+          at::vec::convert_from_float<T>(sums, sums).store(y_rows[i] + o, 16);
+        }
+      }
+    }
+    return o;
+  }
+#endif
+
   // Few rows: y[o] = base[o] + scale * dot(b[o, :rank], xa), reading B rows in place
   // (packing B would cost more than the arithmetic it saves). Four outputs at a time.
   static void expand_dot(const Acc* const* xa_rows, const T* const* base_rows, T* const* y_rows,
@@ -235,9 +294,16 @@ struct Impl {
     };
     const Vec zero(Acc(0));
     const Vec all_ones = zero == zero;  // every bit set
+    int64_t o_paired = 0;  // outputs [0, o_paired) done for every row by expand_pairs
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<Acc, float>) {
+      if (ldb == kVL / 2 && nrows <= kPairRows)
+        o_paired = expand_pairs(xa_rows, base_rows, y_rows, nrows, b, rank, nout, scale);
+    }
+#endif
     for (int64_t i = 0; i < nrows; ++i) {
       const Acc* xa_pad = xa_rows[i];  // zero past the rank (see microkernels.h)
-      int64_t o = 0;
+      int64_t o = o_paired;
 #if defined(CPU_CAPABILITY_AVX512)
       if constexpr (std::is_same_v<Acc, float>) {
         // Sixteen outputs at once, reduced together (reduce16): about three shuffles or
