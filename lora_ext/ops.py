@@ -74,10 +74,15 @@ def multi_lora_add_(
     arguments are as for :func:`multi_lora`. On any error y is left unchanged.
     """
     _multi_lora_add(y, x, a_stack, b_stack, indices, scales, ranks)
+    _increment_version(y)
 
 
 # Looked up once: it runs for every LoRA layer of every inference forward.
 _multi_lora_add = _ops.multi_lora_add_.default
+# The in-place ops have no ADInplaceOrView kernel, so the dispatcher does not bump the
+# version counter of what they mutate: done here, after success, so that autograd (and
+# LoRALinear's merge record) see the write.
+_increment_version = torch.autograd.graph.increment_version
 
 
 def merge_(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float) -> None:
@@ -87,11 +92,13 @@ def merge_(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float) -> None
     On any error weight is left unchanged.
     """
     _ops.merge_.default(weight, lora_a, lora_b, float(scale))
+    _increment_version(weight)
 
 
 def unmerge_(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float) -> None:
     """In place, ``weight -= scale * lora_b @ lora_a``; the inverse of :func:`merge_`."""
     _ops.unmerge_.default(weight, lora_a, lora_b, float(scale))
+    _increment_version(weight)
 
 
 def merge_exact_(
@@ -103,7 +110,10 @@ def merge_exact_(
     ``(overflow_index, overflow_values)``: flat indices and original values of the
     (rare) elements whose correction does not fit in int8.
     """
-    return _ops.merge_exact_.default(weight, lora_a, lora_b, float(scale), residual)
+    overflow = _ops.merge_exact_.default(weight, lora_a, lora_b, float(scale), residual)
+    _increment_version(weight)
+    _increment_version(residual)
+    return overflow
 
 
 def unmerge_exact_(
@@ -119,6 +129,7 @@ def unmerge_exact_(
     _ops.unmerge_exact_.default(
         weight, lora_a, lora_b, float(scale), residual, overflow_index, overflow_values
     )
+    _increment_version(weight)
 
 
 def merge_variant(weight: Tensor) -> str:

@@ -321,3 +321,30 @@ def test_model_unmerge_is_all_or_nothing_when_an_element_check_refuses(tiny_llam
     for k, v in model.state_dict().items():
         assert torch.equal(_bits(v), _bits(merged[k])), k
     assert all(m.merged_adapter == "a" for m in model.modules() if isinstance(m, lora_ext.LoRALinear))
+
+
+# ------------------------------------------------------------------ version counters
+
+
+def test_in_place_ops_bump_the_version_autograd_checks():
+    """A tensor saved for backward and then written by an in-place op: backward refuses."""
+    g = torch.Generator().manual_seed(3)
+    w, a, b = (torch.randn(*s, generator=g) for s in ((6, 5), (2, 5), (6, 2)))
+    x = torch.randn(3, 5, generator=g, requires_grad=True)
+    y = ops.lora_linear(x, w, None, a, b, 0.5)  # saves w for grad_x
+    ops.merge_(w, a, b, 0.5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+    out = torch.randn(3, 6, generator=g)
+    z = x.sum(1, keepdim=True) * out  # saves out
+    ops.multi_lora_add_(out, x.detach(), a[None], b[None], torch.zeros(3, dtype=torch.int32), torch.ones(1))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        z.sum().backward()
+
+
+def test_layer_sees_a_direct_op_call_on_its_merged_weight():
+    layer, _ = _merged_layer()
+    a, b = layer.lora_A["a"].detach(), layer.lora_B["a"].detach()
+    ops.merge_(layer.weight.detach(), a, b, 1.0)  # .detach() shares the version counter
+    _unmerge_refused(layer, "written in place since the merge")
