@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import lora_ext
+from conftest import make_tiny_model_dir
 
 pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -208,7 +209,7 @@ def _torchrun() -> list[str]:
 
 def test_cli_train_under_torchrun(tmp_path):
     """`lora-ext train` on 2 ranks: rank 0 reports and saves one PEFT-format adapter."""
-    folder = W.make_tiny_model_dir(tmp_path / "model")
+    folder = make_tiny_model_dir(tmp_path / "model")
     out = tmp_path / "adapter"
     cmd = _torchrun() + [
         "--standalone", f"--nproc-per-node={WORLD}", "-m", "lora_ext.cli", "train", "--task", "upper",

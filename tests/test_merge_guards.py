@@ -4,6 +4,7 @@ strided (a column slice of a wider matrix) are merged where they lie."""
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from conftest import DTYPES, assert_close_to_ref
+import lora_ext
 from lora_ext import ops
 from test_ops import make_merge
 
@@ -180,8 +182,6 @@ def test_merge_into_a_column_slice_of_a_wider_weight(device, dtype):
 
 
 def _merged_layer(dtype=torch.float32, seed=0):
-    import lora_ext
-
     torch.manual_seed(seed)
     layer = lora_ext.LoRALinear(torch.nn.Linear(48, 40).to(dtype))
     layer.add_adapter("a", r=4, alpha=8)
@@ -242,8 +242,6 @@ def test_layer_refuses_to_unmerge_on_another_device():
 
 
 def test_a_copied_merged_layer_unmerges_exactly():
-    import copy
-
     layer, original = _merged_layer(torch.bfloat16)
     twin = copy.deepcopy(layer)
     twin.unmerge()
@@ -274,15 +272,19 @@ def test_layer_refuses_to_unmerge_a_merge_made_by_another_kernel_variant(tmp_pat
     _unmerge_refused(layer, rf"by cpu bfloat16 \(cpu/DEFAULT\), but the weight is now on cpu bfloat16 \({here}\)")
 
 
-def test_model_unmerge_refuses_before_any_layer_is_restored(tiny_llama):
-    import lora_ext
-
+def _merged_model(tiny_llama):
+    """A tiny Llama with adapter "a" (q, v; random B) merged into every target."""
     model = tiny_llama()
     lora_ext.inject_lora(model, ["q_proj", "v_proj"], r=4, adapter_name="a", init="gaussian")
     for m in model.modules():
         if isinstance(m, lora_ext.LoRALinear):
             m.lora_B["a"].data.normal_()
     lora_ext.merge_adapter(model, "a")
+    return model
+
+
+def test_model_unmerge_refuses_before_any_layer_is_restored(tiny_llama):
+    model = _merged_model(tiny_llama)
     merged = {k: v.clone() for k, v in model.state_dict().items()}
     last = model.model.layers[-1].self_attn.v_proj
     _write_same_bits(last)
@@ -305,14 +307,7 @@ def test_merge_variant_names_the_kernel(device):
 def test_model_unmerge_is_all_or_nothing_when_an_element_check_refuses(tiny_llama):
     """A write through .data bypasses the version check; the element check of the last
     layer refuses after earlier layers were restored: they are merged again."""
-    import lora_ext
-
-    model = tiny_llama()
-    lora_ext.inject_lora(model, ["q_proj", "v_proj"], r=4, adapter_name="a", init="gaussian")
-    for m in model.modules():
-        if isinstance(m, lora_ext.LoRALinear):
-            m.lora_B["a"].data.normal_()
-    lora_ext.merge_adapter(model, "a")
+    model = _merged_model(tiny_llama)
     last = model.model.layers[-1].self_attn.v_proj
     last.weight.data[0, :] += 1.0
     merged = {k: v.clone() for k, v in model.state_dict().items()}
