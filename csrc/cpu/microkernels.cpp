@@ -283,6 +283,39 @@ struct Impl {
   }
 #endif
 
+  // acc[q] = b[q * ldb + j] * xa_pad[j] summed over j < rank, lane by lane (the caller
+  // reduces); b_readable: elements readable from b.
+  template <int kRows>
+  C10_ALWAYS_INLINE static void dot_rows(Vec (&acc)[kRows], const T* b, int64_t ldb,
+                                         int64_t b_readable, const Acc* xa_pad, int64_t rank) {
+    const Vec zero(Acc(0));
+#pragma GCC unroll 16
+    for (int q = 0; q < kRows; ++q) acc[q] = zero;
+    int64_t j = 0;
+    for (; j + kVL <= rank; j += kVL) {
+      const Vec xv = Vec::loadu(xa_pad + j);
+#pragma GCC unroll 16
+      for (int q = 0; q < kRows; ++q) acc[q] = at::vec::fmadd(load(b + q * ldb + j), xv, acc[q]);
+    }
+    if (j == rank) return;
+    const int64_t count = rank - j;
+    const Vec xv = Vec::loadu(xa_pad + j);
+    if ((kRows - 1) * ldb + j + kVL <= b_readable) {
+      // Load whole vectors (past the rank they see padding or the next row) and clear
+      // the extra lanes (they may hold anything, NaN included) with a bitwise AND.
+      // Masked loads are several times slower here (Zen 4, measured), and GCC folds a
+      // blend with zero into one, hence the AND.
+      const Vec lane_mask = Vec::set(zero, zero == zero /* every bit set */, count);
+#pragma GCC unroll 16
+      for (int q = 0; q < kRows; ++q)
+        acc[q] = at::vec::fmadd(load(b + q * ldb + j) & lane_mask, xv, acc[q]);
+    } else {
+#pragma GCC unroll 16
+      for (int q = 0; q < kRows; ++q)
+        acc[q] = at::vec::fmadd(load(b + q * ldb + j, count), xv, acc[q]);
+    }
+  }
+
   // Few rows: y[o] = base[o] + scale * dot(b[o, :rank], xa), reading B rows in place
   // (packing B would cost more than the arithmetic it saves). Four outputs at a time.
   static void expand_dot(const Acc* const* xa_rows, const T* const* base_rows, T* const* y_rows,
@@ -292,8 +325,6 @@ struct Impl {
     const auto reduce = [](const Vec& v) {
       return at::vec::vec_reduce_all<Acc>([](const Vec& p, const Vec& q) { return p + q; }, v);
     };
-    const Vec zero(Acc(0));
-    const Vec all_ones = zero == zero;  // every bit set
     int64_t o_paired = 0;  // outputs [0, o_paired) done for every row by expand_pairs
 #if defined(CPU_CAPABILITY_AVX512)
     if constexpr (std::is_same_v<Acc, float>) {
@@ -311,28 +342,7 @@ struct Impl {
         constexpr int kWide = 16;
         for (; o + kWide <= nout; o += kWide) {
           Vec acc[kWide];
-#pragma GCC unroll 16
-          for (int q = 0; q < kWide; ++q) acc[q] = zero;
-          int64_t j = 0;
-          for (; j + kVL <= rank; j += kVL) {
-            const Vec xv = Vec::loadu(xa_pad + j);
-#pragma GCC unroll 16
-            for (int q = 0; q < kWide; ++q) acc[q] = at::vec::fmadd(load(b + (o + q) * ldb + j), xv, acc[q]);
-          }
-          if (j < rank) {
-            const int64_t count = rank - j;
-            const Vec xv = Vec::loadu(xa_pad + j);
-            const Vec lane_mask = Vec::set(zero, all_ones, count);
-            if ((o + kWide - 1) * ldb + j + kVL <= b_readable) {  // as below, for kOuts
-#pragma GCC unroll 16
-              for (int q = 0; q < kWide; ++q)
-                acc[q] = at::vec::fmadd(load(b + (o + q) * ldb + j) & lane_mask, xv, acc[q]);
-            } else {
-#pragma GCC unroll 16
-              for (int q = 0; q < kWide; ++q)
-                acc[q] = at::vec::fmadd(load(b + (o + q) * ldb + j, count), xv, acc[q]);
-            }
-          }
+          dot_rows<kWide>(acc, b + o * ldb, ldb, b_readable - o * ldb, xa_pad, rank);
           __m512 v[kWide];
 #pragma GCC unroll 16
           for (int q = 0; q < kWide; ++q) v[q] = acc[q];
@@ -348,32 +358,7 @@ struct Impl {
 #endif
       for (; o + kOuts <= nout; o += kOuts) {
         Vec acc[kOuts];
-#pragma GCC unroll 4
-        for (int q = 0; q < kOuts; ++q) acc[q] = zero;
-        int64_t j = 0;
-        for (; j + kVL <= rank; j += kVL) {
-          const Vec xv = Vec::loadu(xa_pad + j);
-#pragma GCC unroll 4
-          for (int q = 0; q < kOuts; ++q) acc[q] = at::vec::fmadd(load(b + (o + q) * ldb + j), xv, acc[q]);
-        }
-        if (j < rank) {
-          const int64_t count = rank - j;
-          const Vec xv = Vec::loadu(xa_pad + j);
-          const Vec lane_mask = Vec::set(zero, all_ones, count);
-          if ((o + kOuts - 1) * ldb + j + kVL <= b_readable) {
-            // Load whole vectors (past the rank they see padding or the next row) and
-            // clear the extra lanes (they may hold anything, NaN included) with a
-            // bitwise AND. Masked loads are several times slower here (Zen 4,
-            // measured), and GCC folds a blend with zero into one, hence the AND.
-#pragma GCC unroll 4
-            for (int q = 0; q < kOuts; ++q)
-              acc[q] = at::vec::fmadd(load(b + (o + q) * ldb + j) & lane_mask, xv, acc[q]);
-          } else {
-#pragma GCC unroll 4
-            for (int q = 0; q < kOuts; ++q)
-              acc[q] = at::vec::fmadd(load(b + (o + q) * ldb + j, count), xv, acc[q]);
-          }
-        }
+        dot_rows<kOuts>(acc, b + o * ldb, ldb, b_readable - o * ldb, xa_pad, rank);
         Acc sums[kOuts];
 #pragma GCC unroll 4
         for (int q = 0; q < kOuts; ++q) sums[q] = reduce(acc[q]);
