@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ALL_WORKLOADS = ["W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8", "W9"]
 ALL_WORKLOADS.append("W10")  # vLLM with the lora_ext plugin: benchmarks/vllm_w10.py
 ALL_WORKLOADS.append("W11")  # W8's step on 2 ranks (DDP, FSDP2): benchmarks/train_w11.py
+ALL_WORKLOADS.append("W12")  # the prefill shrink/expand kernels' rate, fp32 and bf16
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 NOT_YET = "not yet available"
 
@@ -386,6 +387,55 @@ def lora_linear_workloads(device, dtype, args, ceil) -> list[dict]:
                 extra[f"saved_activation_bytes_{k}"] = act
         ceil.floors(res, dtype)
         out.append(res)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# W12: the prefill shrink and expand kernels' rate (issue 10)
+
+
+def prefill_rate_workloads(device, args, ceil) -> list[dict]:
+    """One adapter over every prefill row, r from 8 to 64, fp32 and bf16, timed as two
+    problems that are almost all one kernel: shrink (in = hidden, 16 outputs) and expand
+    (16 inputs, out = hidden), each through multi_lora_add_ against ATen's GEMM on the
+    same shape (x @ A.T, y += s * xa @ B.T)."""
+    T, H = args.tokens_prefill, args.hidden
+    ranks = (8, 16) if args.tiny else (8, 16, 32, 64)
+    out = []
+    for dtype in (torch.float32, torch.bfloat16):
+        esz = torch.tensor([], dtype=dtype).element_size()
+        for r in ranks:
+            for phase, (d_in, d_out) in (("shrink", (H, 16)), ("expand", (16, H))):
+                x = torch.randn(T, d_in, device=device, dtype=dtype)
+                a = torch.randn(1, r, d_in, device=device, dtype=dtype) / math.sqrt(d_in)
+                b = torch.randn(1, d_out, r, device=device, dtype=dtype) / math.sqrt(r)
+                y = torch.randn(T, d_out, device=device, dtype=dtype)
+                idx = torch.zeros(T, dtype=torch.int32, device=device)
+                s = torch.tensor([0.5], device=device)
+                xa = torch.randn(T, r, device=device, dtype=dtype)
+                ref = y.double() + 0.5 * (x.double() @ a[0].double().T) @ b[0].double().T
+                got = y.clone()
+                lora_ext.ops.multi_lora_add_(got, x, a, b, idx, s)
+                err = _rel_err(got, ref)
+                if phase == "shrink":
+                    fns = {"lora_ext": lambda: lora_ext.ops.multi_lora_add_(y, x, a, b, idx, s),
+                           "aten": lambda: torch.mm(x, a[0].T, out=xa)}
+                else:
+                    fns = {"lora_ext": lambda: lora_ext.ops.multi_lora_add_(y, x, a, b, idx, s),
+                           "aten": lambda: y.addmm_(xa, b[0].T, alpha=0.5)}
+                with torch.inference_mode():
+                    variants = measure(device, fns, args)
+                flops = 2.0 * T * r * (d_in + d_out)
+                bytes_ = esz * (T * d_in + r * (d_in + d_out) + 2 * T * d_out)
+                res = _result(f"W12-{phase}", f"prefill {phase}: T={T}, {d_in} -> {d_out}, r={r}, one adapter",
+                              device, dtype, flops, bytes_, variants, err, {"rank": r})
+                ceil.floors(res, dtype)
+                gemm = ceil.gemm(dtype)
+                res["extra"].update(
+                    gflops=flops / _median(res, "lora_ext") / 1e6,
+                    rate_over_gemm=flops / _median(res, "lora_ext") / 1e6 / gemm,
+                    time_over_aten=_median(res, "lora_ext") / _median(res, "aten"))
+                out.append(res)
     return out
 
 
@@ -901,6 +951,9 @@ def targets(results: list[dict]) -> list[dict]:
         elif w == "W5-fwd+bwd":
             add(r, "overhead / LoRA FLOP share", e["overhead_over_flop_share"], 2.0, False)
             add(r, "saved bytes: lora_ext / PEFT", e["saved_bytes_lora_ext"] / e["saved_bytes_peft_compose"], 1.0, False)
+        elif w.startswith("W12"):  # issue 10: >= 80% of the rate the machine allows
+            floor = max(r["memory_floor_ms"], r["compute_floor_ms"])
+            add(r, f"{r['dtype']} r={e['rank']}: floor / time", floor / _median(r, "lora_ext"), 0.8, True)
         elif w.startswith("W6"):
             add(r, "time / read+write of weight", ours / r["memory_floor_ms"], 1.3, False)
             add(r, "speedup vs peft_merge", _median(r, "peft_merge") / ours, 5.0, True)
@@ -951,7 +1004,7 @@ def markdown(report: dict) -> str:
             + ", ".join(f"{k} GEMM {v:.0f} GFLOP/s" for k, v in c["gemm_gflops"].items())
             for d, c in report["ceilings"].items()),
         "",
-        "## Kernels (W1-W6, Python runner through the public API)",
+        "## Kernels (W1-W6, W12; Python runner through the public API)",
         "",
         "`lora x`: the variant's median over lora_ext's (> 1: lora_ext is faster). "
         "`x floor`: median over max(bytes / copy bandwidth, FLOPs / GEMM rate).",
@@ -1025,7 +1078,8 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [r for r in report["results"] if r.get("status") != NOT_YET]
+    # W12's sixteen rate problems are in the tables only.
+    panels = [r for r in report["results"] if r.get("status") != NOT_YET and not r["workload"].startswith("W12")]
     if not panels:
         return
     cols = min(4, len(panels))
@@ -1067,7 +1121,7 @@ def _cpu_name() -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workloads", default=",".join(ALL_WORKLOADS), help="comma list of W1..W8")
+    p.add_argument("--workloads", default=",".join(ALL_WORKLOADS), help="comma list of W1..W12")
     p.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     p.add_argument("--hidden", type=int)
     p.add_argument("--rank", type=int)
@@ -1120,6 +1174,8 @@ def main(argv=None) -> int:
             results += lora_linear_workloads(device, main_dtype, args, ceil)
         if "W6" in selected:
             results += merge_workloads(device, args, ceil)
+        if "W12" in selected:
+            results += prefill_rate_workloads(device, args, ceil)
         ceilings[str(device)] = {"copy_gbps": ceil.copy_gbps, "gemm_gflops": ceil.gemm_gflops}
         for r in results:
             print(f"  {r['workload']:<11} {r['device']:<5} lora_ext {_median(r, 'lora_ext'):.3f} ms", file=sys.stderr)

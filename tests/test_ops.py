@@ -459,7 +459,7 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ["default", "avx2", "avx512", "avx512bf16"])
 def test_cpu_isa_variants(isa):
     env = dict(os.environ, LORA_EXT_CPU_ISA=isa)
     proc = subprocess.run(
