@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
 
 namespace lora_ext::cpu {
 
@@ -184,14 +185,15 @@ void lora_rows_forward(const RowsProblem<T>& p, const AdapterGroups& groups) {
   });
   if (packed_groups.empty()) return;
 
-  std::vector<Acc> packed(packed_size);
+  // Uninitialised: pack_bt writes every element (zeroing a decode call's megabyte cost more than packing it).
+  const std::unique_ptr<Acc[]> packed(new Acc[packed_size]);
   const int64_t num_pack = static_cast<int64_t>(packed_groups.size()) * num_blocks;
   at::parallel_for(0, num_pack, grain_for(num_pack, num_pack * ob * max_rank), [&](int64_t lo, int64_t hi) {
     for (int64_t it = lo; it < hi; ++it) {
       const int64_t k = it / num_blocks, blk = it % num_blocks, o0 = blk * ob;
       const int64_t i = groups.adapter[packed_groups[k]], rank = p.ranks[i];
       mk.pack_bt(p.b + i * p.b_stride + o0 * p.ldb, p.ldb, std::min(ob, p.out - o0), rank,
-                 packed.data() + packed_offset[k] + blk * rank * ob);
+                 packed.get() + packed_offset[k] + blk * rank * ob);
     }
   });
 
@@ -215,7 +217,7 @@ void lora_rows_forward(const RowsProblem<T>& p, const AdapterGroups& groups) {
         const int64_t o0 = blk * ob;
         fill_rows(q0, n, o0, xa_rows, base_rows, y_rows);
         mk.expand(xa_rows, p.base ? base_rows : nullptr, y_rows, n,
-                  packed.data() + packed_offset[k] + blk * rank * ob, rank,
+                  packed.get() + packed_offset[k] + blk * rank * ob, rank,
                   std::min(ob, p.out - o0), p.scales[i]);
       }
     }
