@@ -29,6 +29,13 @@ struct Impl {
   static constexpr int64_t kOutBlock = 4 * kVL;
   // Register budget: AVX512 has 32 vector registers, AVX2 16.
   static constexpr int kMaxRows = Vec::size() * sizeof(Acc) >= 64 ? 4 : 2;
+  // bf16 in the AVX512BF16 build: the CPU's bf16 dot products (products of bf16 are
+  // exact in fp32, at twice the fp32 FMA rate) in shrink and merge_tile.
+#if defined(__AVX512BF16__)
+  static constexpr bool kBf16Pairs = std::is_same_v<T, c10::BFloat16>;
+#else
+  static constexpr bool kBf16Pairs = false;
+#endif
 
   static Acc to_acc(T v) { return static_cast<Acc>(v); }
 
@@ -203,6 +210,146 @@ struct Impl {
     if constexpr (kBf16Pairs) return shrink_rows<Bf16Dot>(x_rows, xa_rows, nrows, a, rank, in);
 #endif
     shrink_rows<FmaDot>(x_rows, xa_rows, nrows, a, rank, in);
+  }
+
+  // -------------------------------------------------------------------------
+  // Packed shrink (prefill): A transposed into panels of 16 ranks, so each step of k
+  // is one vector of a panel times one broadcast x element per row, accumulated along
+  // the rank with no horizontal sums (a GEMM micro-kernel; the dot-product form above
+  // reads both operands along k and reduces every (row, rank) pair). AVX-512 only, for
+  // fp32 (FMAs) and bf16 (the CPU's bf16 dot products on pairs of k).
+
+#if defined(CPU_CAPABILITY_AVX512)
+  // Elements of k per panel step: a panel step is 64 bytes, 16 ranks of one fp32 k or
+  // of a bf16 pair of k.
+  static constexpr int64_t kPanelK = std::is_same_v<T, float> ? 1 : 2;
+  static constexpr bool kHasPanels = std::is_same_v<T, float> || kBf16Pairs;
+  static constexpr int64_t kPanelChunk = 256;  // panel steps per pass (L1/L2 blocking)
+
+  static int64_t panel_steps(int64_t in) { return (in + kPanelK - 1) / kPanelK; }
+
+  // at: ceil(rank / 16) panels of panel_steps(in) x 64 bytes; ranks past `rank` zero.
+  static void pack_at(const T* a, int64_t rank, int64_t in, void* at) {
+    const int64_t steps = panel_steps(in);
+    auto* out = static_cast<float*>(at);  // bf16 pairs move as 32-bit lanes, bits intact
+    for (int64_t g = 0; g * 16 < rank; ++g) {
+      float* panel = out + g * steps * 16;
+      const int m = static_cast<int>(std::min<int64_t>(16, rank - g * 16));
+      if (m < 16) std::fill(panel, panel + steps * 16, 0.0f);
+      if constexpr (std::is_same_v<T, float>) {
+        at::vec::transpose_mxn<float>(a + g * 16 * in, in, panel, 16, m, static_cast<int>(in));
+      } else {
+        // Rows of A as 32-bit pairs of k (in is even: panel_bytes refuses odd).
+        at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(a + g * 16 * in), in / 2,
+                                      panel, 16, m, static_cast<int>(steps));
+      }
+    }
+  }
+
+  // acc[r][gg] += x_rows[r] (step s) * panel gg (step s), steps [s0, s1).
+  template <int ROWS, int G>
+  C10_ALWAYS_INLINE static void panel_steps_fma(__m512 (&acc)[ROWS][G], const T* const* x_rows,
+                                                const float* const (&panels)[G], int64_t s0,
+                                                int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) {
+      __m512 pv[G];
+#pragma GCC unroll 4
+      for (int gg = 0; gg < G; ++gg) pv[gg] = _mm512_loadu_ps(panels[gg] + s * 16);
+#pragma GCC unroll 16
+      for (int r = 0; r < ROWS; ++r) {
+        if constexpr (std::is_same_v<T, float>) {
+          const __m512 xb = _mm512_set1_ps(x_rows[r][s]);
+#pragma GCC unroll 4
+          for (int gg = 0; gg < G; ++gg) acc[r][gg] = _mm512_fmadd_ps(xb, pv[gg], acc[r][gg]);
+        } else {
+#if defined(__AVX512BF16__)
+          int32_t pair;
+          std::memcpy(&pair, x_rows[r] + 2 * s, sizeof(pair));
+          const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
+#pragma GCC unroll 4
+          for (int gg = 0; gg < G; ++gg)
+            acc[r][gg] = _mm512_dpbf16_ps(acc[r][gg], xb, (__m512bh)_mm512_castps_si512(pv[gg]));
+#endif
+        }
+      }
+    }
+  }
+
+  // ROWS rows x G panels over panel steps [s0, s1), adding to (or, with `first`,
+  // replacing) the partial sums in xa.
+  template <int ROWS, int G>
+  static void panel_block(const T* const* x_rows, Acc* const* xa_rows, const float* at,
+                          int64_t steps, int64_t g0, int64_t s0, int64_t s1, bool first) {
+    const float* panels[G];
+    for (int gg = 0; gg < G; ++gg) panels[gg] = at + (g0 + gg) * steps * 16;
+    __m512 acc[ROWS][G];
+#pragma GCC unroll 16
+    for (int r = 0; r < ROWS; ++r)
+#pragma GCC unroll 4
+      for (int gg = 0; gg < G; ++gg)
+        acc[r][gg] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(xa_rows[r] + (g0 + gg) * 16);
+    panel_steps_fma<ROWS, G>(acc, x_rows, panels, s0, s1);
+#pragma GCC unroll 16
+    for (int r = 0; r < ROWS; ++r)
+#pragma GCC unroll 4
+      for (int gg = 0; gg < G; ++gg) _mm512_storeu_ps(xa_rows[r] + (g0 + gg) * 16, acc[r][gg]);
+  }
+
+  // Rows in blocks of 16 / G (at most 16 accumulators), G <= 4 panels at a time.
+  template <int G>
+  static void panel_rows(const T* const* x_rows, Acc* const* xa_rows, int64_t nrows, const float* at,
+                         int64_t steps, int64_t g0, int64_t s0, int64_t s1, bool first) {
+    constexpr int kRows = 16 / G;
+    int64_t i = 0;
+    const auto run = [&](auto rows_tag) {
+      constexpr int R = decltype(rows_tag)::value;
+      panel_block<R, G>(x_rows + i, xa_rows + i, at, steps, g0, s0, s1, first);
+      i += R;
+    };
+    while (i + kRows <= nrows) run(std::integral_constant<int, kRows>{});
+    if constexpr (kRows > 4) if (i + 4 <= nrows) run(std::integral_constant<int, 4>{});
+    if constexpr (kRows > 2) if (i + 2 <= nrows) run(std::integral_constant<int, 2>{});
+    while (i < nrows) run(std::integral_constant<int, 1>{});
+  }
+
+  // xa_rows[i][j] = sum_k x_rows[i][k] a[j][k] from pack_at's panels; writes whole
+  // panels: xa rows are padded (zero past the rank, microkernels.h).
+  static void shrink_panels(const T* const* x_rows, Acc* const* xa_rows, int64_t nrows, const void* at_packed,
+                            int64_t rank, int64_t in) {
+    const auto* at = static_cast<const float*>(at_packed);
+    const int64_t steps = panel_steps(in), groups = (rank + 15) / 16;
+    if (steps == 0) {
+      for (int64_t i = 0; i < nrows; ++i) std::fill(xa_rows[i], xa_rows[i] + groups * 16, Acc(0));
+      return;
+    }
+    for (int64_t s0 = 0; s0 < steps; s0 += kPanelChunk) {
+      const int64_t s1 = std::min(steps, s0 + kPanelChunk);
+      // Two to four panels at a time (five as three and two): with one, every FMA needs
+      // its own broadcast, and the broadcasts, not the FMAs, set the pace (half the rate).
+      for (int64_t g = 0; g < groups;) {
+        const int64_t left = groups - g, take = left == 5 ? 3 : std::min<int64_t>(left, 4);
+        if (take == 4) panel_rows<4>(x_rows, xa_rows, nrows, at, steps, g, s0, s1, s0 == 0);
+        if (take == 3) panel_rows<3>(x_rows, xa_rows, nrows, at, steps, g, s0, s1, s0 == 0);
+        if (take == 2) panel_rows<2>(x_rows, xa_rows, nrows, at, steps, g, s0, s1, s0 == 0);
+        if (take == 1) panel_rows<1>(x_rows, xa_rows, nrows, at, steps, g, s0, s1, s0 == 0);
+        g += take;
+      }
+    }
+  }
+#endif
+
+  // Bytes of pack_at's panels for (rank, in), or 0 when this build has no packed
+  // shrink for T (the dot-product shrink is used then).
+  static int64_t panel_bytes(int64_t rank, int64_t in) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (kHasPanels) {
+      if constexpr (kPanelK == 2) {
+        if (in % 2 != 0) return 0;
+      }
+      return (rank + 15) / 16 * panel_steps(in) * 64;
+    }
+#endif
+    return 0;
   }
 
   // -------------------------------------------------------------------------
@@ -537,12 +684,6 @@ struct Impl {
     return overflows;
   }
 
-#if defined(__AVX512BF16__)
-  static constexpr bool kBf16Pairs = std::is_same_v<T, c10::BFloat16>;
-#else
-  static constexpr bool kBf16Pairs = false;
-#endif
-
   // acc[r][h] = sum_j b[r][j] * a[j][k + kVL h .. +kVL] from bf16 pairs (microkernels.h);
   // only bf16 in the AVX512BF16 build does anything here.
   template <int ROWS>
@@ -779,9 +920,21 @@ struct Impl {
   }
 
   static MicroKernels<T> table() {
-    return MicroKernels<T>{C10_STRINGIZE(CPU_CAPABILITY), kBf16Pairs, kOutBlock, &shrink,
-                           &pack_bt, &expand, &expand_dot, &merge_tile, static_cast<int>(2 * kVL),
-                           &rank_outer};
+#if defined(CPU_CAPABILITY_AVX512)
+    constexpr bool panels = kHasPanels;
+#else
+    constexpr bool panels = false;
+#endif
+    MicroKernels<T> t{C10_STRINGIZE(CPU_CAPABILITY), kBf16Pairs, kOutBlock, &shrink,
+                      &pack_bt, &expand, &expand_dot, &merge_tile, static_cast<int>(2 * kVL),
+                      &rank_outer, &panel_bytes, nullptr, nullptr};
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (panels) {
+      t.pack_at = &pack_at;
+      t.shrink_panels = &shrink_panels;
+    }
+#endif
+    return t;
   }
 };
 
