@@ -65,8 +65,8 @@ MULTI_SHAPES = [  # (T, in, out, N, R)
     (5, 4097, 130, 3, 16),
     (70, 64, 96, 6, 32),
     (0, 64, 32, 2, 8),
-    # Prefill-sized groups with ranks above 16: the CPU's packed (panel) shrink, several
-    # chunks of k, five panels, row counts off its blocks; odd `in` (bf16 falls back).
+    # Prefill-sized groups with ranks above 8: the CPU's packed (panel) shrink, several
+    # chunks of k, five or more panels, row counts off its blocks; an odd `in` falls back.
     (90, 1030, 40, 3, 80),
     (60, 777, 20, 2, 40),
 ]

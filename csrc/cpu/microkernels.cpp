@@ -213,40 +213,61 @@ struct Impl {
   }
 
   // -------------------------------------------------------------------------
-  // Packed shrink (prefill): A transposed into panels of 16 ranks, so each step of k
-  // is one vector of a panel times one broadcast x element per row, accumulated along
-  // the rank with no horizontal sums (a GEMM micro-kernel; the dot-product form above
-  // reads both operands along k and reduces every (row, rank) pair). AVX-512 only, for
-  // fp32 (FMAs) and bf16 (the CPU's bf16 dot products on pairs of k).
+  // Packed shrink (prefill): A transposed into panels, so each step of k is one vector
+  // of a panel times one broadcast of x per row, accumulated along the rank (a GEMM
+  // micro-kernel; the dot-product form above reads both operands along k and reduces
+  // every (row, rank) pair). AVX-512 only, fp32 and bf16 (AVX512BF16 build).
+  //
+  // A panel step is 64 bytes: a pair of k (k even) for each of the panel's ranks, next
+  // to each other. bf16: 16 ranks, and the CPU's bf16 dot product sums each pair. fp32:
+  // 8 ranks, an FMA per lane, the pairs summed when a chunk ends. Either way the
+  // broadcast is the row's pair of x, and feeds one FMA per panel: two to four panels
+  // go together, since with one the broadcasts, not the FMAs, set the pace.
 
 #if defined(CPU_CAPABILITY_AVX512)
-  // Elements of k per panel step: a panel step is 64 bytes, 16 ranks of one fp32 k or
-  // of a bf16 pair of k.
-  static constexpr int64_t kPanelK = std::is_same_v<T, float> ? 1 : 2;
   static constexpr bool kHasPanels = std::is_same_v<T, float> || kBf16Pairs;
-  static constexpr int64_t kPanelChunk = 256;  // panel steps per pass (L1/L2 blocking)
+  static constexpr int64_t kPanelRanks = std::is_same_v<T, float> ? 8 : 16;
+  static constexpr int64_t kPanelChunk = 256;  // steps per pass (L1/L2 blocking)
 
-  static int64_t panel_steps(int64_t in) { return (in + kPanelK - 1) / kPanelK; }
-
-  // at: ceil(rank / 16) panels of panel_steps(in) x 64 bytes; ranks past `rank` zero.
+  // at: ceil(rank / kPanelRanks) panels of in / 2 steps; ranks past `rank` zero.
   static void pack_at(const T* a, int64_t rank, int64_t in, void* at) {
-    const int64_t steps = panel_steps(in);
-    auto* out = static_cast<float*>(at);  // bf16 pairs move as 32-bit lanes, bits intact
-    for (int64_t g = 0; g * 16 < rank; ++g) {
-      float* panel = out + g * steps * 16;
-      const int m = static_cast<int>(std::min<int64_t>(16, rank - g * 16));
-      if (m < 16) std::fill(panel, panel + steps * 16, 0.0f);
-      if constexpr (std::is_same_v<T, float>) {
-        at::vec::transpose_mxn<float>(a + g * 16 * in, in, panel, 16, m, static_cast<int>(in));
-      } else {
-        // Rows of A as 32-bit pairs of k (in is even: panel_bytes refuses odd).
-        at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(a + g * 16 * in), in / 2,
-                                      panel, 16, m, static_cast<int>(steps));
+    const int64_t steps = in / 2;
+    auto* out = static_cast<float*>(at);
+    if constexpr (std::is_same_v<T, float>) {
+      // 16 ranks x 16 k at a time: transposed to k-major (lanes = ranks), then each
+      // pair of k interleaved into the two 8-rank panels.
+      const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+      const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
+      alignas(64) float tile[16][16];
+      for (int64_t j0 = 0; j0 < rank; j0 += 16) {
+        const int m = static_cast<int>(std::min<int64_t>(16, rank - j0));
+        float* panel_lo = out + (j0 / 8) * steps * 16;
+        float* panel_hi = panel_lo + steps * 16;  // only when m > 8
+        for (int64_t k0 = 0; k0 < in; k0 += 16) {
+          const int n = static_cast<int>(std::min<int64_t>(16, in - k0));
+          if (m < 16) std::memset(tile, 0, sizeof(tile));
+          at::vec::transpose_mxn<float>(a + j0 * in + k0, in, &tile[0][0], 16, m, n);
+          for (int q = 0; q < n / 2; ++q) {
+            const __m512 v0 = _mm512_load_ps(tile[2 * q]), v1 = _mm512_load_ps(tile[2 * q + 1]);
+            const int64_t step = k0 / 2 + q;
+            _mm512_storeu_ps(panel_lo + step * 16, _mm512_permutex2var_ps(v0, lo, v1));
+            if (m > 8) _mm512_storeu_ps(panel_hi + step * 16, _mm512_permutex2var_ps(v0, hi, v1));
+          }
+        }
+      }
+    } else {
+      // A's rows as 32-bit pairs of k: a plain transpose (bits moved, not converted).
+      for (int64_t j0 = 0; j0 < rank; j0 += 16) {
+        const int m = static_cast<int>(std::min<int64_t>(16, rank - j0));
+        float* panel = out + (j0 / 16) * steps * 16;
+        if (m < 16) std::fill(panel, panel + steps * 16, 0.0f);
+        at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(a + j0 * in), in / 2, panel,
+                                      16, m, static_cast<int>(steps));
       }
     }
   }
 
-  // acc[r][gg] += x_rows[r] (step s) * panel gg (step s), steps [s0, s1).
+  // acc[r][gg] += (x_rows[r]'s pair at step s) * panel gg's step s, steps [s0, s1).
   template <int ROWS, int G>
   C10_ALWAYS_INLINE static void panel_steps_fma(__m512 (&acc)[ROWS][G], const T* const* x_rows,
                                                 const float* const (&panels)[G], int64_t s0,
@@ -258,7 +279,9 @@ struct Impl {
 #pragma GCC unroll 16
       for (int r = 0; r < ROWS; ++r) {
         if constexpr (std::is_same_v<T, float>) {
-          const __m512 xb = _mm512_set1_ps(x_rows[r][s]);
+          double pair;  // x[2s], x[2s + 1]: one 64-bit broadcast gives x0 x1 x0 x1 ...
+          std::memcpy(&pair, x_rows[r] + 2 * s, sizeof(pair));
+          const __m512 xb = _mm512_castpd_ps(_mm512_set1_pd(pair));
 #pragma GCC unroll 4
           for (int gg = 0; gg < G; ++gg) acc[r][gg] = _mm512_fmadd_ps(xb, pv[gg], acc[r][gg]);
         } else {
@@ -275,8 +298,8 @@ struct Impl {
     }
   }
 
-  // ROWS rows x G panels over panel steps [s0, s1), adding to (or, with `first`,
-  // replacing) the partial sums in xa.
+  // ROWS rows x G panels over steps [s0, s1), added to the partial sums in xa (written,
+  // with `first`).
   template <int ROWS, int G>
   static void panel_block(const T* const* x_rows, Acc* const* xa_rows, const float* at,
                           int64_t steps, int64_t g0, int64_t s0, int64_t s1, bool first) {
@@ -286,16 +309,29 @@ struct Impl {
 #pragma GCC unroll 16
     for (int r = 0; r < ROWS; ++r)
 #pragma GCC unroll 4
-      for (int gg = 0; gg < G; ++gg)
-        acc[r][gg] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(xa_rows[r] + (g0 + gg) * 16);
+      for (int gg = 0; gg < G; ++gg) acc[r][gg] = _mm512_setzero_ps();
     panel_steps_fma<ROWS, G>(acc, x_rows, panels, s0, s1);
 #pragma GCC unroll 16
-    for (int r = 0; r < ROWS; ++r)
+    for (int r = 0; r < ROWS; ++r) {
+      Acc* xa = xa_rows[r] + g0 * kPanelRanks;
 #pragma GCC unroll 4
-      for (int gg = 0; gg < G; ++gg) _mm512_storeu_ps(xa_rows[r] + (g0 + gg) * 16, acc[r][gg]);
+      for (int gg = 0; gg < G; ++gg) {
+        if constexpr (std::is_same_v<T, float>) {
+          // Sum each lane pair, keep the even lanes: the panel's 8 ranks.
+          const __m512 pairs = _mm512_add_ps(acc[r][gg], _mm512_permute_ps(acc[r][gg], 0xB1));
+          __m256 sums = _mm512_castps512_ps256(_mm512_maskz_compress_ps(0x5555, pairs));
+          if (!first) sums = _mm256_add_ps(sums, _mm256_loadu_ps(xa + gg * 8));
+          _mm256_storeu_ps(xa + gg * 8, sums);
+        } else {
+          __m512 sums = acc[r][gg];
+          if (!first) sums = _mm512_add_ps(sums, _mm512_loadu_ps(xa + gg * 16));
+          _mm512_storeu_ps(xa + gg * 16, sums);
+        }
+      }
+    }
   }
 
-  // Rows in blocks of 16 / G (at most 16 accumulators), G <= 4 panels at a time.
+  // Rows in blocks of 16 / G (at most 16 accumulators), G panels at a time.
   template <int G>
   static void panel_rows(const T* const* x_rows, Acc* const* xa_rows, int64_t nrows, const float* at,
                          int64_t steps, int64_t g0, int64_t s0, int64_t s1, bool first) {
@@ -313,19 +349,18 @@ struct Impl {
   }
 
   // xa_rows[i][j] = sum_k x_rows[i][k] a[j][k] from pack_at's panels; writes whole
-  // panels: xa rows are padded (zero past the rank, microkernels.h).
+  // panels (zeros past the rank): xa rows are padded (microkernels.h).
   static void shrink_panels(const T* const* x_rows, Acc* const* xa_rows, int64_t nrows, const void* at_packed,
                             int64_t rank, int64_t in) {
     const auto* at = static_cast<const float*>(at_packed);
-    const int64_t steps = panel_steps(in), groups = (rank + 15) / 16;
+    const int64_t steps = in / 2, groups = (rank + kPanelRanks - 1) / kPanelRanks;
     if (steps == 0) {
-      for (int64_t i = 0; i < nrows; ++i) std::fill(xa_rows[i], xa_rows[i] + groups * 16, Acc(0));
+      for (int64_t i = 0; i < nrows; ++i) std::fill(xa_rows[i], xa_rows[i] + groups * kPanelRanks, Acc(0));
       return;
     }
     for (int64_t s0 = 0; s0 < steps; s0 += kPanelChunk) {
       const int64_t s1 = std::min(steps, s0 + kPanelChunk);
-      // Two to four panels at a time (five as three and two): with one, every FMA needs
-      // its own broadcast, and the broadcasts, not the FMAs, set the pace (half the rate).
+      // Two to four panels at a time; five as three and two.
       for (int64_t g = 0; g < groups;) {
         const int64_t left = groups - g, take = left == 5 ? 3 : std::min<int64_t>(left, 4);
         if (take == 4) panel_rows<4>(x_rows, xa_rows, nrows, at, steps, g, s0, s1, s0 == 0);
@@ -338,15 +373,14 @@ struct Impl {
   }
 #endif
 
-  // Bytes of pack_at's panels for (rank, in), or 0 when this build has no packed
-  // shrink for T (the dot-product shrink is used then).
+  // Bytes of pack_at's panels for (rank, in), or 0 where this build has no packed
+  // shrink for T, for an odd `in` (the last pair would read past x's row), or for a
+  // single panel (a broadcast per FMA: slower than the dot-product shrink).
   static int64_t panel_bytes(int64_t rank, int64_t in) {
 #if defined(CPU_CAPABILITY_AVX512)
     if constexpr (kHasPanels) {
-      if constexpr (kPanelK == 2) {
-        if (in % 2 != 0) return 0;
-      }
-      return (rank + 15) / 16 * panel_steps(in) * 64;
+      const int64_t groups = (rank + kPanelRanks - 1) / kPanelRanks;
+      return in % 2 == 0 && groups >= 2 ? groups * (in / 2) * 64 : 0;
     }
 #endif
     return 0;

@@ -78,10 +78,10 @@ struct MicroKernels {
   void (*rank_outer)(const Acc* lhs, int64_t rank, const T* rhs, int64_t ldr, int64_t rows,
                      int64_t ncols, Acc scale, Acc* out, int64_t ldo);
   // The packed shrink for prefill-sized groups. panel_bytes(rank, in): the size of A
-  // packed by pack_at (64-byte panels of 16 ranks), 0 when this build has no packed
-  // shrink for T (then pack_at and shrink_panels are null). shrink_panels computes what
-  // shrink does from the packed A, and writes each xa row up to the next multiple of
-  // 16 ranks (zeros past the rank).
+  // packed by pack_at, 0 when this build has no packed shrink for T or for this shape
+  // (pack_at and shrink_panels are null where it never has one). shrink_panels
+  // computes what shrink does from the packed A, and writes each xa row up to the
+  // next multiple of 16 ranks (zeros past the rank).
   int64_t (*panel_bytes)(int64_t rank, int64_t in);
   void (*pack_at)(const T* a, int64_t rank, int64_t in, void* at);
   void (*shrink_panels)(const T* const* x_rows, Acc* const* xa_rows, int64_t nrows,

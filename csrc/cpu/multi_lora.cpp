@@ -103,17 +103,15 @@ void lora_rows_forward(const RowsProblem<T>& p, const AdapterGroups& groups) {
   constexpr int64_t kDotRows = 3;
   auto group_rows_of = [&](int64_t g) { return groups.offset[g + 1] - groups.offset[g]; };
 
-  // Larger groups shrink from A packed in panels of 16 ranks (shrink_panels, a GEMM
-  // micro-kernel) where the build has one: packed once per call, by group. From two
-  // panels up: with one (r <= 16) the dot-product shrink is faster (W12: fp32 r = 16
-  // 93 against 140 GFLOP/s; one broadcast per FMA).
-  constexpr int64_t kMinPanelRank = 17;
+  // Larger groups shrink from A packed in panels (shrink_panels, a GEMM micro-kernel)
+  // where the build has one for the shape (panel_bytes > 0): packed once per call, by
+  // group.
   std::vector<int64_t> panel_offset(num_groups, -1);  // in floats, into `panels`
   int64_t panel_floats = 0;
   for (int64_t g = 0; g < num_groups; ++g) {
     const int64_t rank = p.ranks[groups.adapter[g]];
     const int64_t bytes = mk.panel_bytes(rank, p.in);
-    if (group_rows_of(g) <= kDotRows || rank < kMinPanelRank || bytes == 0) continue;
+    if (group_rows_of(g) <= kDotRows || bytes == 0) continue;
     panel_offset[g] = panel_floats;
     panel_floats += bytes / static_cast<int64_t>(sizeof(float));
   }
