@@ -218,56 +218,51 @@ struct Impl {
   // micro-kernel; the dot-product form above reads both operands along k and reduces
   // every (row, rank) pair). AVX-512 only, fp32 and bf16 (AVX512BF16 build).
   //
-  // A panel step is 64 bytes: a pair of k (k even) for each of the panel's ranks, next
-  // to each other. bf16: 16 ranks, and the CPU's bf16 dot product sums each pair. fp32:
-  // 8 ranks, an FMA per lane, the pairs summed when a chunk ends. Either way the
-  // broadcast is the row's pair of x, and feeds one FMA per panel: two to four panels
-  // go together, since with one the broadcasts, not the FMAs, set the pace.
+  // A's rows are read as 32-bit units: one fp32 k, or a bf16 pair of k. A panel step
+  // is 64 bytes: two units for each of the panel's 8 ranks, side by side. Per step, a
+  // row's two units of x (one 64-bit broadcast) meet each panel in one instruction: an
+  // FMA per lane (fp32) or the CPU's bf16 dot product, which sums a unit's pair (bf16);
+  // the two units of each rank are summed when a chunk of steps ends. The broadcast
+  // feeds one instruction per panel: two to four panels go together, since with one
+  // the broadcasts, not the FMAs, set the pace.
 
 #if defined(CPU_CAPABILITY_AVX512)
   static constexpr bool kHasPanels = std::is_same_v<T, float> || kBf16Pairs;
-  static constexpr int64_t kPanelRanks = std::is_same_v<T, float> ? 8 : 16;
-  static constexpr int64_t kPanelChunk = 256;  // steps per pass (L1/L2 blocking)
+  static constexpr int64_t kPanelRanks = 8;
+  static constexpr int64_t kUnitK = 4 / sizeof(T);  // k per 32-bit unit
+  static constexpr int64_t kStepK = 2 * kUnitK;     // k per panel step
+  static constexpr int64_t kPanelChunk = 256;       // steps per pass (L1/L2 blocking)
 
-  // at: ceil(rank / kPanelRanks) panels of in / 2 steps; ranks past `rank` zero.
+  // at: ceil(rank / 8) panels of in / kStepK steps; ranks past `rank` zero.
   static void pack_at(const T* a, int64_t rank, int64_t in, void* at) {
-    const int64_t steps = in / 2;
+    const int64_t units = in / kUnitK, steps = in / kStepK;
+    // A as [rank][units] 32-bit values: moved, never converted (bf16 pairs keep their bits).
+    const auto* src = reinterpret_cast<const float*>(a);
     auto* out = static_cast<float*>(at);
-    if constexpr (std::is_same_v<T, float>) {
-      // 16 ranks x 16 k at a time: transposed to k-major (lanes = ranks), then each
-      // pair of k interleaved into the two 8-rank panels.
-      const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-      const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
-      alignas(64) float tile[16][16];
-      for (int64_t j0 = 0; j0 < rank; j0 += 16) {
-        const int m = static_cast<int>(std::min<int64_t>(16, rank - j0));
-        float* panel_lo = out + (j0 / 8) * steps * 16;
-        float* panel_hi = panel_lo + steps * 16;  // only when m > 8
-        for (int64_t k0 = 0; k0 < in; k0 += 16) {
-          const int n = static_cast<int>(std::min<int64_t>(16, in - k0));
-          if (m < 16) std::memset(tile, 0, sizeof(tile));
-          at::vec::transpose_mxn<float>(a + j0 * in + k0, in, &tile[0][0], 16, m, n);
-          for (int q = 0; q < n / 2; ++q) {
-            const __m512 v0 = _mm512_load_ps(tile[2 * q]), v1 = _mm512_load_ps(tile[2 * q + 1]);
-            const int64_t step = k0 / 2 + q;
-            _mm512_storeu_ps(panel_lo + step * 16, _mm512_permutex2var_ps(v0, lo, v1));
-            if (m > 8) _mm512_storeu_ps(panel_hi + step * 16, _mm512_permutex2var_ps(v0, hi, v1));
-          }
+    // 16 ranks x 16 units at a time: transposed (lanes = ranks), then each pair of units
+    // interleaved into the two 8-rank panels.
+    const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
+    alignas(64) float tile[16][16];
+    for (int64_t j0 = 0; j0 < rank; j0 += 16) {
+      const int m = static_cast<int>(std::min<int64_t>(16, rank - j0));
+      float* panel_lo = out + (j0 / 8) * steps * 16;
+      float* panel_hi = panel_lo + steps * 16;  // only when m > 8
+      for (int64_t u0 = 0; u0 < units; u0 += 16) {
+        const int n = static_cast<int>(std::min<int64_t>(16, units - u0));
+        if (m < 16) std::memset(tile, 0, sizeof(tile));
+        at::vec::transpose_mxn<float>(src + j0 * units + u0, units, &tile[0][0], 16, m, n);
+        for (int q = 0; q < n / 2; ++q) {
+          const __m512 v0 = _mm512_load_ps(tile[2 * q]), v1 = _mm512_load_ps(tile[2 * q + 1]);
+          const int64_t step = u0 / 2 + q;
+          _mm512_storeu_ps(panel_lo + step * 16, _mm512_permutex2var_ps(v0, lo, v1));
+          if (m > 8) _mm512_storeu_ps(panel_hi + step * 16, _mm512_permutex2var_ps(v0, hi, v1));
         }
-      }
-    } else {
-      // A's rows as 32-bit pairs of k: a plain transpose (bits moved, not converted).
-      for (int64_t j0 = 0; j0 < rank; j0 += 16) {
-        const int m = static_cast<int>(std::min<int64_t>(16, rank - j0));
-        float* panel = out + (j0 / 16) * steps * 16;
-        if (m < 16) std::fill(panel, panel + steps * 16, 0.0f);
-        at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(a + j0 * in), in / 2, panel,
-                                      16, m, static_cast<int>(steps));
       }
     }
   }
 
-  // acc[r][gg] += (x_rows[r]'s pair at step s) * panel gg's step s, steps [s0, s1).
+  // acc[r][gg] += (x_rows[r]'s units at step s) * panel gg's step s, steps [s0, s1).
   template <int ROWS, int G>
   C10_ALWAYS_INLINE static void panel_steps_fma(__m512 (&acc)[ROWS][G], const T* const* x_rows,
                                                 const float* const (&panels)[G], int64_t s0,
@@ -278,21 +273,19 @@ struct Impl {
       for (int gg = 0; gg < G; ++gg) pv[gg] = _mm512_loadu_ps(panels[gg] + s * 16);
 #pragma GCC unroll 16
       for (int r = 0; r < ROWS; ++r) {
-        if constexpr (std::is_same_v<T, float>) {
-          double pair;  // x[2s], x[2s + 1]: one 64-bit broadcast gives x0 x1 x0 x1 ...
-          std::memcpy(&pair, x_rows[r] + 2 * s, sizeof(pair));
-          const __m512 xb = _mm512_castpd_ps(_mm512_set1_pd(pair));
+        double units;  // the row's two units at step s: broadcast as u0 u1 u0 u1 ...
+        std::memcpy(&units, x_rows[r] + kStepK * s, sizeof(units));
+        const __m512 xb = _mm512_castpd_ps(_mm512_set1_pd(units));
 #pragma GCC unroll 4
-          for (int gg = 0; gg < G; ++gg) acc[r][gg] = _mm512_fmadd_ps(xb, pv[gg], acc[r][gg]);
-        } else {
+        for (int gg = 0; gg < G; ++gg) {
+          if constexpr (std::is_same_v<T, float>) {
+            acc[r][gg] = _mm512_fmadd_ps(xb, pv[gg], acc[r][gg]);
+          } else {
 #if defined(__AVX512BF16__)
-          int32_t pair;
-          std::memcpy(&pair, x_rows[r] + 2 * s, sizeof(pair));
-          const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
-#pragma GCC unroll 4
-          for (int gg = 0; gg < G; ++gg)
-            acc[r][gg] = _mm512_dpbf16_ps(acc[r][gg], xb, (__m512bh)_mm512_castps_si512(pv[gg]));
+            acc[r][gg] = _mm512_dpbf16_ps(acc[r][gg], (__m512bh)_mm512_castps_si512(xb),
+                                          (__m512bh)_mm512_castps_si512(pv[gg]));
 #endif
+          }
         }
       }
     }
@@ -316,17 +309,11 @@ struct Impl {
       Acc* xa = xa_rows[r] + g0 * kPanelRanks;
 #pragma GCC unroll 4
       for (int gg = 0; gg < G; ++gg) {
-        if constexpr (std::is_same_v<T, float>) {
-          // Sum each lane pair, keep the even lanes: the panel's 8 ranks.
-          const __m512 pairs = _mm512_add_ps(acc[r][gg], _mm512_permute_ps(acc[r][gg], 0xB1));
-          __m256 sums = _mm512_castps512_ps256(_mm512_maskz_compress_ps(0x5555, pairs));
-          if (!first) sums = _mm256_add_ps(sums, _mm256_loadu_ps(xa + gg * 8));
-          _mm256_storeu_ps(xa + gg * 8, sums);
-        } else {
-          __m512 sums = acc[r][gg];
-          if (!first) sums = _mm512_add_ps(sums, _mm512_loadu_ps(xa + gg * 16));
-          _mm512_storeu_ps(xa + gg * 16, sums);
-        }
+        // Sum each rank's two lanes, keep the even lanes: the panel's 8 ranks.
+        const __m512 pairs = _mm512_add_ps(acc[r][gg], _mm512_permute_ps(acc[r][gg], 0xB1));
+        __m256 sums = _mm512_castps512_ps256(_mm512_maskz_compress_ps(0x5555, pairs));
+        if (!first) sums = _mm256_add_ps(sums, _mm256_loadu_ps(xa + gg * 8));
+        _mm256_storeu_ps(xa + gg * 8, sums);
       }
     }
   }
@@ -353,7 +340,7 @@ struct Impl {
   static void shrink_panels(const T* const* x_rows, Acc* const* xa_rows, int64_t nrows, const void* at_packed,
                             int64_t rank, int64_t in) {
     const auto* at = static_cast<const float*>(at_packed);
-    const int64_t steps = in / 2, groups = (rank + kPanelRanks - 1) / kPanelRanks;
+    const int64_t steps = in / kStepK, groups = (rank + kPanelRanks - 1) / kPanelRanks;
     if (steps == 0) {
       for (int64_t i = 0; i < nrows; ++i) std::fill(xa_rows[i], xa_rows[i] + groups * kPanelRanks, Acc(0));
       return;
@@ -374,13 +361,14 @@ struct Impl {
 #endif
 
   // Bytes of pack_at's panels for (rank, in), or 0 where this build has no packed
-  // shrink for T, for an odd `in` (the last pair would read past x's row), or for a
-  // single panel (a broadcast per FMA: slower than the dot-product shrink).
+  // shrink for T, for an `in` that is not a whole number of steps (the last would read
+  // past x's row), or for a single panel (a broadcast per FMA: slower than the
+  // dot-product shrink).
   static int64_t panel_bytes(int64_t rank, int64_t in) {
 #if defined(CPU_CAPABILITY_AVX512)
     if constexpr (kHasPanels) {
       const int64_t groups = (rank + kPanelRanks - 1) / kPanelRanks;
-      return in % 2 == 0 && groups >= 2 ? groups * (in / 2) * 64 : 0;
+      return in % kStepK == 0 && groups >= 2 ? groups * (in / kStepK) * 64 : 0;
     }
 #endif
     return 0;
