@@ -65,10 +65,12 @@ MULTI_SHAPES = [  # (T, in, out, N, R)
     (5, 4097, 130, 3, 16),
     (70, 64, 96, 6, 32),
     (0, 64, 32, 2, 8),
-    # Prefill-sized groups with ranks above 8: the CPU's packed (panel) shrink, several
-    # chunks of k, five or more panels, row counts off its blocks; an odd `in` falls back.
-    (90, 1030, 40, 3, 80),
-    (60, 777, 20, 2, 40),
+    # Groups of 64 rows or more with ranks above 8: the CPU's packed (panel) shrink, two
+    # to nine panels, several chunks of k, row counts off its blocks; ranks of one panel
+    # and an odd `in` take the dot-product shrink.
+    (300, 1028, 40, 2, 80),
+    (300, 1028, 40, 3, 24),
+    (160, 777, 20, 1, 40),
 ]
 
 
