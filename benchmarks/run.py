@@ -3,7 +3,8 @@
 
 W1-W6 are the C++ harness's workloads (benchmarks/cpp) run through ``lora_ext.*``
 and real autograd; W7 (mixed-adapter generation) and W8 (a LoRA training step)
-run SmolLM2-135M. Writes ``latest.json``, ``latest.md`` and ``latest.png`` to
+run SmolLM2-135M; W12 times the prefill shrink and expand kernels against ATen's GEMM
+on the same shapes. Writes ``latest.json``, ``latest.md`` and ``latest.png`` to
 ``--out`` (default benchmarks/results). Timings: median and p10..p90 over repeats
 after warm-up, variants interleaved round-robin; CUDA events on the GPU. Floors:
 bytes over the copy bandwidth and FLOPs over the GEMM rate, both measured in the
