@@ -124,7 +124,8 @@ struct Impl {
     C10_ALWAYS_INLINE static void step(Accum (&acc)[ROWS][JB], const T* const* x_rows,
                                        const T* const (&ap)[JB], int64_t k, int64_t count) {
       Vec av[JB];
-      for (int jj = 0; jj < JB; ++jj) av[jj] = count == kStep ? load(ap[jj] + k) : load(ap[jj] + k, count);
+      for (int jj = 0; jj < JB; ++jj)
+        av[jj] = count == kStep ? load(ap[jj] + k) : load(ap[jj] + k, count);
       for (int r = 0; r < ROWS; ++r) {
         const Vec xv = count == kStep ? load(x_rows[r] + k) : load(x_rows[r] + k, count);
         for (int jj = 0; jj < JB; ++jj) acc[r][jj] = at::vec::fmadd(xv, av[jj], acc[r][jj]);
@@ -144,7 +145,8 @@ struct Impl {
     C10_ALWAYS_INLINE static void step(Accum (&acc)[ROWS][JB], const T* const* x_rows,
                                        const T* const (&ap)[JB], int64_t k, int64_t count) {
       // An all-ones mask compiles to plain loads.
-      const __mmask32 mask = count == kStep ? ~__mmask32(0) : static_cast<__mmask32>((uint64_t(1) << count) - 1);
+      const __mmask32 mask =
+          count == kStep ? ~__mmask32(0) : static_cast<__mmask32>((uint64_t(1) << count) - 1);
       __m512bh av[JB];
 #pragma GCC unroll 8
       for (int jj = 0; jj < JB; ++jj) av[jj] = (__m512bh)_mm512_maskz_loadu_epi16(mask, ap[jj] + k);
@@ -173,7 +175,8 @@ struct Impl {
 #pragma GCC unroll 8
         for (int jj = 0; jj < JB; ++jj) acc[r][jj] = Dot::zero();
       int64_t k = 0;
-      for (; k + Dot::kStep <= in; k += Dot::kStep) Dot::template step<ROWS, JB>(acc, x_rows, ap, k, Dot::kStep);
+      for (; k + Dot::kStep <= in; k += Dot::kStep)
+        Dot::template step<ROWS, JB>(acc, x_rows, ap, k, Dot::kStep);
       if (k < in) Dot::template step<ROWS, JB>(acc, x_rows, ap, k, in - k);
       // Reduce with constant indices only: a run-time index into acc would make the
       // compiler keep it in memory inside the hot loop.
@@ -264,7 +267,7 @@ struct Impl {
 
   // acc[r][gg] += (x_rows[r]'s units at step s) * panel gg's step s, steps [s0, s1).
   template <int ROWS, int G>
-  C10_ALWAYS_INLINE static void panel_steps_fma(__m512 (&acc)[ROWS][G], const T* const* x_rows,
+  C10_ALWAYS_INLINE static void panel_steps(__m512 (&acc)[ROWS][G], const T* const* x_rows,
                                                 const float* const (&panels)[G], int64_t s0,
                                                 int64_t s1) {
     for (int64_t s = s0; s < s1; ++s) {
@@ -303,7 +306,7 @@ struct Impl {
     for (int r = 0; r < ROWS; ++r)
 #pragma GCC unroll 4
       for (int gg = 0; gg < G; ++gg) acc[r][gg] = _mm512_setzero_ps();
-    panel_steps_fma<ROWS, G>(acc, x_rows, panels, s0, s1);
+    panel_steps<ROWS, G>(acc, x_rows, panels, s0, s1);
 #pragma GCC unroll 16
     for (int r = 0; r < ROWS; ++r) {
       Acc* xa = xa_rows[r] + g0 * kPanelRanks;
@@ -320,8 +323,9 @@ struct Impl {
 
   // Rows in blocks of 16 / G (at most 16 accumulators), G panels at a time.
   template <int G>
-  static void panel_rows(const T* const* x_rows, Acc* const* xa_rows, int64_t nrows, const float* at,
-                         int64_t steps, int64_t g0, int64_t s0, int64_t s1, bool first) {
+  static void panel_rows(const T* const* x_rows, Acc* const* xa_rows, int64_t nrows,
+                         const float* at, int64_t steps, int64_t g0, int64_t s0, int64_t s1,
+                         bool first) {
     constexpr int kRows = 16 / G;
     int64_t i = 0;
     const auto run = [&](auto rows_tag) {
@@ -337,12 +341,13 @@ struct Impl {
 
   // xa_rows[i][j] = sum_k x_rows[i][k] a[j][k] from pack_at's panels; writes whole
   // panels (zeros past the rank): xa rows are padded (microkernels.h).
-  static void shrink_panels(const T* const* x_rows, Acc* const* xa_rows, int64_t nrows, const void* at_packed,
-                            int64_t rank, int64_t in) {
+  static void shrink_panels(const T* const* x_rows, Acc* const* xa_rows, int64_t nrows,
+                            const void* at_packed, int64_t rank, int64_t in) {
     const auto* at = static_cast<const float*>(at_packed);
     const int64_t steps = in / kStepK, groups = (rank + kPanelRanks - 1) / kPanelRanks;
     if (steps == 0) {
-      for (int64_t i = 0; i < nrows; ++i) std::fill(xa_rows[i], xa_rows[i] + groups * kPanelRanks, Acc(0));
+      for (int64_t i = 0; i < nrows; ++i)
+        std::fill(xa_rows[i], xa_rows[i] + groups * kPanelRanks, Acc(0));
       return;
     }
     for (int64_t s0 = 0; s0 < steps; s0 += kPanelChunk) {
@@ -392,7 +397,10 @@ struct Impl {
           if constexpr (std::is_same_v<T, float>) {
             src = b + o * ldb + j;
           } else {
-            for (int q = 0; q < m; ++q) (n == 16 ? load(b + (o + q) * ldb + j) : load(b + (o + q) * ldb + j, n)).store(tile[q]);
+            for (int q = 0; q < m; ++q) {
+              const T* row = b + (o + q) * ldb + j;
+              (n == 16 ? load(row) : load(row, n)).store(tile[q]);
+            }
             src = &tile[0][0];
             ld = 16;
           }

@@ -11,8 +11,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 
 namespace lora_ext::cpu {
@@ -116,7 +116,8 @@ void lora_rows_forward(const RowsProblem<T>& p, const AdapterGroups& groups) {
     panel_floats += bytes / static_cast<int64_t>(sizeof(float));
   }
   // 64-byte aligned (a panel step is one cache line); uninitialised: pack_at writes it all.
-  const std::unique_ptr<float[]> panel_storage(panel_floats > 0 ? new float[panel_floats + 16] : nullptr);
+  const std::unique_ptr<float[]> panel_storage(panel_floats > 0 ? new float[panel_floats + 16]
+                                                                : nullptr);
   float* const panels = reinterpret_cast<float*>(
       (reinterpret_cast<uintptr_t>(panel_storage.get()) + 63) & ~uintptr_t(63));
   if (panel_floats > 0) {
@@ -219,7 +220,8 @@ void lora_rows_forward(const RowsProblem<T>& p, const AdapterGroups& groups) {
   });
   if (packed_groups.empty()) return;
 
-  // Uninitialised: pack_bt writes every element (zeroing a decode call's megabyte cost more than packing it).
+  // Uninitialised: pack_bt writes every element (zeroing a decode-sized call's megabyte
+  // cost more than packing it).
   const std::unique_ptr<Acc[]> packed(new Acc[packed_size]);
   const int64_t num_pack = static_cast<int64_t>(packed_groups.size()) * num_blocks;
   at::parallel_for(0, num_pack, grain_for(num_pack, num_pack * ob * max_rank), [&](int64_t lo, int64_t hi) {
