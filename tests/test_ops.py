@@ -65,10 +65,12 @@ MULTI_SHAPES = [  # (T, in, out, N, R)
     (5, 4097, 130, 3, 16),
     (70, 64, 96, 6, 32),
     (0, 64, 32, 2, 8),
-    # Groups of 64 rows or more with ranks above 8: the CPU's packed (panel) shrink, two
-    # to nine panels, several chunks of k, row counts off its blocks; ranks of one panel
-    # and an odd `in` take the dot-product shrink.
-    (300, 1028, 40, 2, 80),
+    # Groups of 64 rows or more with ranks above 4: the CPU's packed (panel) shrink, with
+    # 4-rank (ranks 5-8) and 8-rank panels, two to nine of them, several chunks of k, row
+    # counts off its blocks; ranks of one panel, and an `in` that is not a whole number
+    # of steps (bf16 with 1028, any dtype with 777), take the dot-product shrink.
+    (300, 1032, 40, 2, 80),
+    (300, 1032, 40, 3, 8),
     (300, 1028, 40, 3, 24),
     (160, 777, 20, 1, 40),
 ]

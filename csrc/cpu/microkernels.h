@@ -81,7 +81,7 @@ struct MicroKernels {
   // packed by pack_at, 0 when this build has no packed shrink for T or for this shape
   // (pack_at and shrink_panels are null where it never has one). shrink_panels
   // computes what shrink does from the packed A, and writes each xa row up to the
-  // next multiple of 8 ranks (zeros past the rank).
+  // next multiple of 4 or 8 ranks (zeros past the rank).
   int64_t (*panel_bytes)(int64_t rank, int64_t in);
   void (*pack_at)(const T* a, int64_t rank, int64_t in, void* at);
   void (*shrink_panels)(const T* const* x_rows, Acc* const* xa_rows, int64_t nrows,
