@@ -532,20 +532,25 @@ struct Impl {
   }
 
 #if defined(CPU_CAPABILITY_AVX512)
-  // Lane q of the result: the sum of v[q]'s sixteen lanes.
-  C10_ALWAYS_INLINE static __m512 reduce16(const __m512 (&v)[16]) {
-    // Per 128-bit lane L, for vectors a, b: [a0+a2, b0+b2, a1+a3, b1+b3].
-    __m512 t[8];
+  // u[k], per 128-bit lane L: the sums of v[4k], ..., v[4k + 3] over L's four elements.
+  template <int N>
+  C10_ALWAYS_INLINE static void lane_sums(const __m512 (&v)[N], __m512 (&u)[N / 4]) {
+    // Per lane L, for vectors a, b: [a0+a2, b0+b2, a1+a3, b1+b3].
+    __m512 t[N / 2];
 #pragma GCC unroll 8
-    for (int k = 0; k < 8; ++k)
+    for (int k = 0; k < N / 2; ++k)
       t[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]),
                            _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
-    // Per lane L: [a, b, c, d] partial sums of four vectors (over L's four elements).
-    __m512 u[4];
 #pragma GCC unroll 4
-    for (int k = 0; k < 4; ++k)
+    for (int k = 0; k < N / 4; ++k)
       u[k] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * k], t[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
                            _mm512_shuffle_ps(t[2 * k], t[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+
+  // Lane q of the result: the sum of v[q]'s sixteen lanes.
+  C10_ALWAYS_INLINE static __m512 reduce16(const __m512 (&v)[16]) {
+    __m512 u[4];
+    lane_sums<16>(v, u);
     // Sum over the four 128-bit lanes, keeping u[k]'s four sums in lane k.
     const auto fold = [](__m512 p, __m512 q) {
       return _mm512_add_ps(_mm512_shuffle_f32x4(p, q, _MM_SHUFFLE(2, 0, 2, 0)),
@@ -588,16 +593,8 @@ struct Impl {
 #pragma GCC unroll 8
         for (int q = 0; q < 8; ++q) pr[q] = _mm512_mul_ps(bv[q], xx[i]);
         // As reduce16, but each vector holds two sums of eight (its 256-bit halves).
-        __m512 t[4];
-#pragma GCC unroll 4
-        for (int k = 0; k < 4; ++k)
-          t[k] = _mm512_add_ps(_mm512_unpacklo_ps(pr[2 * k], pr[2 * k + 1]),
-                               _mm512_unpackhi_ps(pr[2 * k], pr[2 * k + 1]));
         __m512 u[2];
-#pragma GCC unroll 2
-        for (int k = 0; k < 2; ++k)
-          u[k] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * k], t[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                               _mm512_shuffle_ps(t[2 * k], t[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+        lane_sums<8>(pr, u);
         // 128-bit lanes 0+1 of u[k] are the first row of each pair, 2+3 the second.
         const __m512 w = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
                                        _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
