@@ -16,8 +16,12 @@ from .layers import AdapterNames, AdapterSpec, LoRALinear, _AdapterContext, _che
 TargetModules = Union[str, Sequence[str]]
 
 
-def _lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    """``(path, layer)`` of every LoRA layer in ``model``, in module order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+_lora_layers = lora_layers
 
 
 def _context(model: nn.Module) -> _AdapterContext:
