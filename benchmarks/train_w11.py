@@ -45,7 +45,7 @@ _COLLECTIVES = ("all_gather_single", "reduce_scatter_single", "all_gather_into_t
 
 def _load(tiny: bool):
     if not tiny:
-        from lora_ext import llm
+        from lora_ext.apps import llm
 
         return llm.load_model()[0]
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "lora_ext" / "apps" / "adapters"  # lora_ext.apps.cli.SHIPPED_ADAPTERS, without importing it
 VARIANTS = ("no_lora", "vllm_lora", "lora_ext", "lora_skipped")
 # lora_skipped: LoRA on and adapters loaded, but the wrapper's add_lora_linear does
 # nothing (wrong outputs): what vLLM's own LoRA bookkeeping costs, a floor for any kernel.
@@ -37,7 +38,7 @@ def make_adapters(folder: Path, count: int = MAX_LORAS, seed: int = 0) -> list[P
     import torch
     from safetensors.torch import load_file, save_file
 
-    shipped = [ROOT / "lora_ext" / "adapters" / n for n in ("upper", "reverse", "arith")]
+    shipped = [SHIPPED / n for n in ("upper", "reverse", "arith")]
     config = json.loads((shipped[0] / "adapter_config.json").read_text())
     template = load_file(str(shipped[0] / "adapter_model.safetensors"))
     gen = torch.Generator().manual_seed(seed)
@@ -54,7 +55,7 @@ def make_adapters(folder: Path, count: int = MAX_LORAS, seed: int = 0) -> list[P
 
 def _mixes(adapters: list[Path]) -> dict[str, list[tuple[str, int | None]]]:
     """Per mix, (prompt, adapter number or None) for each request; same prompts in both."""
-    from lora_ext import tasks
+    from lora_ext.apps import tasks
 
     rng = random.Random(0)
     names = list(tasks.TASKS)
@@ -75,13 +76,13 @@ def _worker(dtype: str, reps: int, out: str, adapter_dir: str) -> None:
     from vllm.lora.request import LoRARequest
     from vllm.platforms import current_platform
 
-    from lora_ext import llm
+    from lora_ext.apps import llm
     from lora_ext.integrations import vllm as plugin
 
-    shipped = [ROOT / "lora_ext" / "adapters" / n for n in ("upper", "reverse", "arith")]
+    shipped = [SHIPPED / n for n in ("upper", "reverse", "arith")]
     adapters = shipped + sorted((p for p in Path(adapter_dir).iterdir() if p.name.startswith("random")),
                                 key=lambda p: p.name)
-    folder = str(llm._converted_default_model())
+    folder = str(llm.converted_default_model())
     tokenizer = AutoTokenizer.from_pretrained(folder)
     # Prefix caching off: a repetition that hit the cache would compute differently.
     common = dict(model=folder, dtype=dtype, max_model_len=512, enforce_eager=True, seed=0,

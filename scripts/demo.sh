@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 source scripts/env.sh
 # Same as `lora-ext demo`, without relying on the environment's bin being on PATH.
-exec "$PY" -m lora_ext.cli demo "$@"
+exec "$PY" -m lora_ext.apps.cli demo "$@"

@@ -18,6 +18,12 @@ fi
 wheel=$(realpath "$wheel")
 built_torch=$(unzip -p "$wheel" lora_ext/_build_info.py | sed -n 's/^TORCH_VERSION = "\(.*\)"$/\1/p')
 echo "[wheel-check] $wheel (built against torch $built_torch)"
+# Package data: the shipped adapters of lora_ext.apps; and the console script's target.
+for f in lora_ext/apps/adapters/{upper,reverse,arith}/adapter_{config.json,model.safetensors}; do
+  unzip -l "$wheel" "$f" >/dev/null || { echo "[wheel-check] $f is missing from the wheel" >&2; exit 1; }
+done
+unzip -p "$wheel" '*.dist-info/entry_points.txt' | grep -x 'lora-ext = lora_ext.apps.cli:main' >/dev/null ||
+  { echo "[wheel-check] the lora-ext console script does not point at lora_ext.apps.cli:main" >&2; exit 1; }
 
 fresh_venv() {  # fresh_venv DIR PACKAGES...: a new venv holding only the given packages
   rm -rf "$1"
@@ -38,6 +44,7 @@ cp tests/conftest.py tests/test_ops.py tests/test_errors.py "$tests/"
 import lora_ext, sys
 assert '/site-packages/lora_ext/' in lora_ext.__file__, lora_ext.__file__
 print('[wheel-check] imports from', lora_ext.__file__)"
+  "$venv/bin/lora-ext" --help >/dev/null  # the console script imports (lora_ext.apps.cli)
   "$venv/bin/python" -m pytest -q -p no:cacheprovider -x test_ops.py test_errors.py
 )
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from conftest import make_tiny_model_dir
-from lora_ext import cli, llm
-from lora_ext.tasks import BASE_QUESTIONS, TASKS, WORDS, check_base, get_task
+from lora_ext.apps import cli, llm
+from lora_ext.apps.tasks import BASE_QUESTIONS, TASKS, WORDS, check_base, get_task
 
 # ------------------------------------------------------------------------ tasks
 
@@ -69,12 +69,12 @@ def test_unknown_task_is_a_clear_error():
 
 
 def test_demo_rows_use_several_adapters_and_the_base_model():
-    rows = cli._demo_rows()
+    rows = cli.demo_rows()
     adapters = [a for _, a in rows]
     assert None in adapters
     assert set(a for a in adapters if a) == set(TASKS)
     assert rows[0][0] == rows[1][0] and rows[0][1] != rows[1][1]
-    assert rows == cli._demo_rows()  # the same batch every run
+    assert rows == cli.demo_rows()  # the same batch every run
 
 
 # ------------------------------------------------------------- tiny model helpers
@@ -149,7 +149,7 @@ def test_train_eval_and_demo_run_on_a_tiny_model(tiny_model_dir, tmp_path, capsy
     rc = cli.main(["demo", "--adapters", str(tmp_path / "adapters"), "--repeats", "1", *model_args])
     text = capsys.readouterr().out
     assert rc == 1
-    assert text.count("check:") == len(cli._demo_rows())
+    assert text.count("check:") == len(cli.demo_rows())
     assert "lora_ext mixed batch" in text and "base model alone" in text
     assert "PEFT, same batch" in text
 
@@ -222,11 +222,20 @@ def test_out_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
 def test_the_installed_command_prints_no_traceback(tmp_path):
     """The console script, as a user runs it."""
     script = os.path.join(os.path.dirname(sys.executable), "lora-ext")
-    command = [script] if os.path.exists(script) else [sys.executable, "-m", "lora_ext.cli"]
+    command = [script] if os.path.exists(script) else [sys.executable, "-m", "lora_ext.apps.cli"]
     proc = subprocess.run(command + ["eval", "--task", "upper", "--adapter", str(tmp_path / "none")],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [f"lora-ext eval: error: adapter folder not found: {tmp_path / 'none'}"]
+
+
+def test_old_module_path_still_runs_the_command_with_a_warning(tmp_path):
+    """The deprecated shim lora_ext/cli.py, run with -m: the same command, plus a FutureWarning."""
+    proc = subprocess.run([sys.executable, "-m", "lora_ext." + "cli", "eval", "--task", "upper", "--adapter",
+                           str(tmp_path / "none")], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "FutureWarning" in proc.stderr and "lora_ext.apps.cli" in proc.stderr, proc.stderr
+    assert proc.stderr.splitlines()[-1] == f"lora-ext eval: error: adapter folder not found: {tmp_path / 'none'}"
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
@@ -253,11 +262,11 @@ def test_demo_on_the_real_model_passes_every_check(tmp_path):
     if os.path.exists(script):
         command = [script, "demo", "--repeats", "1"]
     else:
-        command = [sys.executable, "-m", "lora_ext.cli", "demo", "--repeats", "1"]
+        command = [sys.executable, "-m", "lora_ext.apps.cli", "demo", "--repeats", "1"]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    rows = len(cli._demo_rows())
+    rows = len(cli.demo_rows())
     assert proc.stdout.count("check:  PASS") == rows
     assert f"all {rows} checks passed" in proc.stdout
     for label in ("lora_ext mixed batch", "PEFT, same batch", "base model alone"):

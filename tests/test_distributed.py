@@ -212,7 +212,7 @@ def test_cli_train_under_torchrun(tmp_path):
     folder = make_tiny_model_dir(tmp_path / "model")
     out = tmp_path / "adapter"
     cmd = _torchrun() + [
-        "--standalone", f"--nproc-per-node={WORLD}", "-m", "lora_ext.cli", "train", "--task", "upper",
+        "--standalone", f"--nproc-per-node={WORLD}", "-m", "lora_ext.apps.cli", "train", "--task", "upper",
         "--model", str(folder), "--out", str(out), "--steps", "2", "--batch-size", "4", "--rank", "2",
         "--targets", "q_proj,v_proj", "--dtype", "fp32", "--eval", "0",
     ]
@@ -220,7 +220,7 @@ def test_cli_train_under_torchrun(tmp_path):
     assert log.count("trained 2 steps") == 1, log  # rank 0 alone reports
     assert "2 processes" in log, log
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
-    from lora_ext import llm
+    from lora_ext.apps import llm
 
     model, _ = llm.load_model(folder)
     lora_ext.load_adapter(model, str(out), "upper")

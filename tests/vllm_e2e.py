@@ -16,11 +16,10 @@ import random
 import sys
 from pathlib import Path
 
-import lora_ext
-from lora_ext import llm, tasks
+from lora_ext.apps import llm, tasks
+from lora_ext.apps.cli import SHIPPED_ADAPTERS as ADAPTER_DIR
 
 ADAPTERS = ("upper", "reverse", "arith")
-ADAPTER_DIR = Path(lora_ext.__file__).parent / "adapters"
 MAX_LORA_RANK = 8
 # Small enough for 2 cores; one engine start is 20-60 s there.
 ENGINE_ARGS = dict(max_model_len=512, enforce_eager=True, max_lora_rank=MAX_LORA_RANK)
@@ -29,7 +28,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 def model_folder() -> str:
     """The default model as a Hugging Face folder (converted from its GGUF once, cached)."""
-    return str(llm._converted_default_model())
+    return str(llm.converted_default_model())
 
 
 def batch(rows_per_adapter: int = 3, seed: int = 0) -> list[dict]:

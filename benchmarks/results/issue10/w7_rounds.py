@@ -9,7 +9,8 @@ import cProfile, copy, pstats, statistics, sys, time
 import torch
 torch.set_num_threads(2)
 import lora_ext
-from lora_ext import layers, llm, tasks
+from lora_ext import layers
+from lora_ext.apps import llm, tasks
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 mode = sys.argv[1] if len(sys.argv) > 1 else "time"
 rounds = int(sys.argv[2]) if len(sys.argv) > 2 else (10 if mode == "split" else 5)

