@@ -7,8 +7,10 @@ from ._torch_check import check_installed_torch as _check_installed_torch
 _check_installed_torch()  # before _C: a _C built for another torch must not load
 from . import _C  # noqa: E402, F401  (registers torch.ops.lora_ext.*)
 from .ops import lora_linear, merge_, multi_lora, unmerge_
+from .storage import AdapterLayer, AdapterSpec
 from .layers import LoRALinear
 from .model import (
+    active_adapters,
     delete_adapter,
     inject_lora,
     list_adapters,
@@ -20,8 +22,9 @@ from .model import (
     set_adapter,
     trainable_parameters,
     unmerge_adapter,
+    use_adapter,
 )
-from .io import load_adapter, save_adapter
+from .io import load_adapter, plan_adapter, save_adapter
 from .pool import AdapterPool
 
 __all__ = [
@@ -29,9 +32,13 @@ __all__ = [
     "multi_lora",
     "merge_",
     "unmerge_",
+    "AdapterLayer",
+    "AdapterSpec",
     "LoRALinear",
     "inject_lora",
     "set_adapter",
+    "use_adapter",
+    "active_adapters",
     "list_adapters",
     "lora_layers",
     "delete_adapter",
@@ -43,6 +50,7 @@ __all__ = [
     "print_trainable_parameters",
     "save_adapter",
     "load_adapter",
+    "plan_adapter",
     "AdapterPool",
 ]
 __version__ = "0.1.0"

@@ -14,8 +14,9 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from .layers import AdapterSpec, LoRALinear
-from .model import _attach, _context, _lora_layers, _replace, _resolve_targets, list_adapters
+from .lifecycle import AdapterPlan, LayerPlan, layer_kind, lora_layers, manager_of, supported_kinds
+from .model import list_adapters, resolve_targets
+from .storage import AdapterLayer, AdapterSpec
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -69,7 +70,7 @@ def save_adapter(
     distributed = _world_size() > 1
     if distributed:
         _rendezvous(timeout, f"save_adapter({adapter_name!r}) was not called on every rank")
-    layers = [(n, m) for n, m in _lora_layers(model) if adapter_name in m.specs]
+    layers = [(n, m) for n, m in lora_layers(model) if adapter_name in m.specs]
     if not layers:
         raise ValueError(f"no adapter {adapter_name!r}; loaded adapters: {list_adapters(model)}")
     specs = {n: m.specs[adapter_name] for n, m in layers}
@@ -82,7 +83,7 @@ def save_adapter(
     # Short target names when they select exactly these layers, full paths otherwise.
     short = sorted({n.rpartition(".")[2] for n in specs})
     try:
-        exact = set(_resolve_targets(model, short)) == set(specs)
+        exact = set(resolve_targets(model, short)) == set(specs)
     except (ValueError, TypeError):
         exact = False
     config = {
@@ -105,7 +106,7 @@ def save_adapter(
     }
     tensors = {}
     for n, m in layers:
-        for key, t in zip(("lora_A", "lora_B"), _full_weights(m, adapter_name)):
+        for key, t in zip(("lora_A", "lora_B"), m.full_weights(adapter_name)):
             # a copy of its own: the parameter is a view into the layer's slot stack
             tensors[f"{_PREFIX}{n}.{key}.weight"] = t.to(dtype or t.dtype).cpu().clone(
                 memory_format=torch.contiguous_format
@@ -154,14 +155,6 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
-
-
-def _full_weights(layer: LoRALinear, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A, B)`` of adapter ``name`` whole: FSDP2's DTensors and tensor-parallel shards gathered."""
-    if hasattr(layer, "_full_adapter"):  # lora_ext.parallel's sharded layer
-        return layer._full_adapter(name)
-    a, b = (p.detach() for p in (layer.lora_A[name], layer.lora_B[name]))
-    return tuple(t.full_tensor() if _is_dtensor(t) else t for t in (a, b))
 
 
 def _read_config(path: str) -> dict:
@@ -223,22 +216,42 @@ def _split_key(key: str, file: str) -> tuple[str, str]:
     raise ValueError(f"{file}: unexpected key {key!r} (expected <module>.lora_A.weight / lora_B.weight)")
 
 
-def load_adapter(
+def plan_adapter(
     model: nn.Module,
     source: Union[str, os.PathLike, Mapping[str, torch.Tensor]],
+    config: Optional[Any] = None,
+) -> AdapterPlan:
+    """Read and check an adapter against ``model`` without changing anything.
+
+    ``source`` and ``config`` as for :func:`load_adapter`. The result can be given to
+    :func:`load_adapter` (as ``source``) any number of times, e.g. by a pool that checks
+    adapters when they are registered and loads them later.
+    """
+    config, tensors, where = _read_source(source, config)
+    return _plan(model, config, tensors, where)
+
+
+def load_adapter(
+    model: nn.Module,
+    source: Union[str, os.PathLike, Mapping[str, torch.Tensor], AdapterPlan],
     adapter_name: str = "default",
     config: Optional[Any] = None,
     replace: bool = False,
+    select: Optional[bool] = None,
 ) -> nn.Module:
     """Load a PEFT-format LoRA adapter as ``adapter_name``, from a folder or from memory.
 
-    ``source``: a folder with ``adapter_config.json`` + ``adapter_model.safetensors``, or
-    a state dict in PEFT's key layout (``base_model.model.<module>.lora_A.weight``
+    ``source``: a folder with ``adapter_config.json`` + ``adapter_model.safetensors``, a
+    state dict in PEFT's key layout (``base_model.model.<module>.lora_A.weight``
     ``[r, in]`` / ``.lora_B.weight`` ``[out, r]``, what ``peft.get_peft_model_state_dict``
     returns) with its ``config`` (the ``adapter_config.json`` content as a dict, or a
-    ``peft.LoraConfig``). Wraps the named ``nn.Linear`` modules where they have no LoRA
-    layer yet, honours ``rank_pattern``/``alpha_pattern``, and keeps the adapter
-    frozen. The first adapter loaded becomes the active one.
+    ``peft.LoraConfig``), or a plan from :func:`plan_adapter`. Wraps the named
+    ``nn.Linear`` modules where they have no LoRA layer yet, honours
+    ``rank_pattern``/``alpha_pattern``, and keeps the adapter frozen.
+
+    ``select``: True makes the adapter the model-wide selection, False leaves the
+    selection alone; None (default) selects it only when nothing is selected yet (the
+    first adapter loaded becomes the active one).
 
     ``replace=True``: swap the weights of the loaded adapter ``adapter_name`` for the
     new ones, atomically (a forward running in another thread sees the old or the new
@@ -251,14 +264,22 @@ def load_adapter(
     keys, a shape that does not fit, a rank above the capacity set with
     :func:`~lora_ext.reserve_adapters` raises and changes nothing. Returns ``model``.
     """
-    config, tensors, where = _read_source(source, config)
-    plan, weights = _plan(model, config, tensors, where)
+    if isinstance(source, AdapterPlan):
+        if config is not None:
+            raise ValueError("config is only for state dicts; a plan is already checked")
+        plan = source
+    else:
+        plan = plan_adapter(model, source, config)
+    manager = manager_of(model)
     if replace:
-        _replace(model, adapter_name, plan, weights)
-        return model
-    ctx = _attach(model, plan, adapter_name, weights=weights)[0]._context
-    if ctx.selection is None:
-        ctx.select(adapter_name)
+        held = {n: m for n, m in lora_layers(model) if adapter_name in m.specs}
+        if not held:
+            raise ValueError(f"no adapter {adapter_name!r} to replace; loaded adapters: {list_adapters(model)}")
+        manager.replace(adapter_name, held, plan)
+    else:
+        manager.attach(model, adapter_name, plan, requires_grad=False)
+    if select or (select is None and manager.selection.model_wide is None):
+        manager.select(adapter_name)
     return model
 
 
@@ -277,8 +298,8 @@ def _read_source(source, config: Optional[Any]) -> tuple[dict, Mapping, str]:
     return _read_config(path), _read_weights(path), os.path.join(path, WEIGHTS_NAME)
 
 
-def _plan(model: nn.Module, config: dict, tensors: Mapping, where: str):
-    """Check ``tensors`` against ``config`` and ``model``: (path -> spec, path -> (A, B))."""
+def _plan(model: nn.Module, config: dict, tensors: Mapping, where: str) -> AdapterPlan:
+    """Check ``tensors`` against ``config`` and ``model``."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         if not isinstance(tensor, torch.Tensor):
@@ -289,8 +310,9 @@ def _plan(model: nn.Module, config: dict, tensors: Mapping, where: str):
         raise ValueError(f"{where} holds no LoRA weights")
     r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    plan: dict[str, AdapterSpec] = {}
-    weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    dropout = float(config.get("lora_dropout", 0.0) or 0.0)
+    rslora = bool(config.get("use_rslora", False))
+    plan = AdapterPlan()
     for module_path, pair in pairs.items():
         if set(pair) != {"lora_A", "lora_B"}:
             missing = ({"lora_A", "lora_B"} - set(pair)).pop()
@@ -299,36 +321,49 @@ def _plan(model: nn.Module, config: dict, tensors: Mapping, where: str):
             module = model.get_submodule(module_path)
         except AttributeError:
             raise ValueError(f"{where}: the model has no module {module_path!r}") from None
-        if not isinstance(module, (nn.Linear, LoRALinear)):
+        if isinstance(module, AdapterLayer):
+            reason = module.cannot_add_reason()
+            if reason is not None:
+                raise ValueError(f"{where}: {module_path}: {reason}")
+            kind = type(module)
+        elif layer_kind(module) is not None:
+            kind = layer_kind(module)
+        else:
             raise ValueError(
-                f"{where}: {module_path} is a {type(module).__name__}; only nn.Linear layers are supported"
+                f"{where}: {module_path} is a {type(module).__name__}; supported layers: {supported_kinds()}"
             )
-        if hasattr(module, "_tp_style") or _is_dtensor(module.weight):
+        if _is_dtensor(module.weight):
             raise ValueError(
-                f"{where}: {module_path} is sharded (tensor parallel or FSDP2); load adapters "
-                "before parallelize_module / fully_shard"
+                f"{where}: {module_path} is sharded (FSDP2); load adapters before fully_shard"
             )
         a, b = pair["lora_A"], pair["lora_B"]
         r = _pattern_value(rank_pattern, module_path, r_default)
-        expected_a, expected_b = (r, module.in_features), (module.out_features, r)
-        if tuple(a.shape) != expected_a or tuple(b.shape) != expected_b:
-            raise ValueError(
-                f"{where}: {module_path} expects lora_A {list(expected_a)} and lora_B "
-                f"{list(expected_b)}, got {list(a.shape)} and {list(b.shape)}"
-            )
+        problem = kind.weights_problem(module, a, b, r)
+        if problem is not None:
+            raise ValueError(f"{where}: {module_path} {problem}")
         if not (a.is_floating_point() and b.is_floating_point()):
             raise ValueError(f"{where}: {module_path} weights must be floating point, got {a.dtype}")
-        # A damaged or diverged adapter: every output row it touched would be NaN or inf.
-        for which, t in (("lora_A", a), ("lora_B", b)):
-            if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{where}: {module_path}.{which}.weight holds non-finite values (NaN or inf)")
         alpha = _pattern_value(alpha_pattern, module_path, alpha_default)
-        plan[module_path] = AdapterSpec(
-            int(r), float(alpha), float(config.get("lora_dropout", 0.0) or 0.0), bool(config.get("use_rslora", False))
-        )
-        weights[module_path] = (a, b)
-    _check_targets(model, config, set(plan), where)
-    return plan, weights
+        plan.layers[module_path] = LayerPlan(AdapterSpec(int(r), float(alpha), dropout, rslora), a, b)
+    _check_finite(plan, where)
+    _check_targets(model, config, set(plan.layers), where)
+    return plan
+
+
+def _check_finite(plan: AdapterPlan, where: str) -> None:
+    """A damaged or diverged adapter (every output row it touched would be NaN or inf) is refused."""
+    tensors = [t for part in plan.layers.values() for t in (part.a, part.b)]
+    # One multi-tensor reduction for all of them (a max-abs norm is NaN or inf exactly
+    # when some element is); the per-tensor search runs only to name the culprit.
+    by_dtype: dict[torch.dtype, list] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    if all(bool(torch.isfinite(torch.stack(torch._foreach_norm(ts, float("inf")))).all()) for ts in by_dtype.values()):
+        return
+    for path, part in plan.layers.items():
+        for which, t in (("lora_A", part.a), ("lora_B", part.b)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{where}: {path}.{which}.weight holds non-finite values (NaN or inf)")
 
 
 def _check_targets(model: nn.Module, config: dict, paths: set[str], where: str) -> None:
@@ -339,7 +374,7 @@ def _check_targets(model: nn.Module, config: dict, paths: set[str], where: str) 
     if not isinstance(targets, str):
         targets = sorted(targets)
     try:
-        expected = set(_resolve_targets(model, targets))
+        expected = set(resolve_targets(model, targets))
     except (ValueError, TypeError):
         return  # reported by the per-key checks, or a target outside lora_ext's scope
     missing, extra = sorted(expected - paths), sorted(paths - expected)

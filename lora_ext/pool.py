@@ -23,8 +23,8 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .io import _check_config, _plan, _read_source
-from .model import _attach, _lora_layers, delete_adapter, list_adapters, reserve_adapters, set_adapter
+from .io import load_adapter, plan_adapter
+from .model import delete_adapter, list_adapters, lora_layers, reserve_adapters, set_adapter
 
 Source = Union[str, os.PathLike, Mapping[str, torch.Tensor]]
 
@@ -51,7 +51,7 @@ class AdapterPool:
         self._max_rank = max_rank
         self._reserved = False
         self.loads = self.evictions = 0  # counters, for a serving loop's metrics
-        if _lora_layers(model):
+        if lora_layers(model):
             self._reserve()
 
     def _reserve(self) -> None:
@@ -85,15 +85,13 @@ class AdapterPool:
             if isinstance(source, Mapping):
                 if config is None:
                     raise ValueError("a state dict needs its config (a dict or a peft.LoraConfig)")
-                config = _check_config(config, "config")
                 pin = self._device.type == "cuda"
                 host = {k: _host_copy(v, pin) for k, v in source.items()}
                 self._sources[name] = (host, config)
             else:
                 self._sources[name] = (os.fspath(source), None)
             try:  # the checks load_adapter makes, without loading
-                plan, _ = _plan(self.model, *_read_source(*self._sources[name]))
-                rank = max(spec.r for spec in plan.values())
+                rank = plan_adapter(self.model, *self._sources[name]).max_rank
                 if self._max_rank is not None and rank > self._max_rank:
                     raise ValueError(f"adapter {name!r} has rank {rank} > the pool's max_rank {self._max_rank}")
             except Exception:
@@ -159,13 +157,12 @@ class AdapterPool:
             set_adapter(self.model, names)
 
     def _load(self, name: str) -> None:
-        # not load_adapter: loading must not change the model's selection
-        plan, weights = _plan(self.model, *_read_source(*self._sources[name]))
+        source, config = self._sources[name]
         if self._stream is None:
-            _attach(self.model, plan, name, weights=weights)
+            load_adapter(self.model, source, name, config=config, select=False)
         else:
             with torch.cuda.stream(self._stream):
-                _attach(self.model, plan, name, weights=weights)
+                load_adapter(self.model, source, name, config=config, select=False)
                 event = torch.cuda.Event()
                 event.record(self._stream)
             self._ready[name] = event

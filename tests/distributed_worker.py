@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 import lora_ext
-from lora_ext.model import _lora_layers
+from lora_ext import lora_layers
 
 STEPS = 3
 LR = 0.05
@@ -66,7 +66,7 @@ def build(kind: str, mode: str) -> nn.Module:
         lora_ext.inject_lora(model, targets, r=2, alpha=4, adapter_name="b")
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for _, layer in _lora_layers(model):
+        for _, layer in lora_layers(model):
             for name in layer.specs:
                 for p in (layer.lora_A[name], layer.lora_B[name]):
                     p.copy_(torch.randn(p.shape, generator=g) * 0.1)

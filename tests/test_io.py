@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lora_ext
-from lora_ext.model import _lora_layers
+from lora_ext import lora_layers
 
 peft = pytest.importorskip("peft")
 from safetensors.torch import load_file, save_file  # noqa: E402
@@ -18,7 +18,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def _randomize(model, name, seed):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, layer in _lora_layers(model):
+        for _, layer in lora_layers(model):
             if name in layer.specs:
                 for p in (layer.lora_A[name], layer.lora_B[name]):
                     p.copy_(torch.randn(p.shape, generator=g) * 0.2)
@@ -70,7 +70,7 @@ def test_save_load_round_trip(tiny_llama, tmp_path, ids):
     fresh = tiny_llama()
     lora_ext.load_adapter(fresh, tmp_path, "loaded")
     assert lora_ext.list_adapters(fresh) == ["loaded"]
-    assert not any(p.requires_grad for _, m in _lora_layers(fresh) for p in m.parameters())
+    assert not any(p.requires_grad for _, m in lora_layers(fresh) for p in m.parameters())
     torch.testing.assert_close(_logits(fresh, ids), expected)
     # Several adapters at once; bf16 storage is honoured and reloads.
     lora_ext.save_adapter(model, tmp_path / "bf16", "t", dtype=torch.bfloat16)
@@ -78,7 +78,7 @@ def test_save_load_round_trip(tiny_llama, tmp_path, ids):
         "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     ].dtype == torch.bfloat16
     lora_ext.load_adapter(fresh, tmp_path / "bf16", "bf16")
-    with lora_ext.set_adapter(fresh, ["loaded", "bf16", None]):
+    with lora_ext.use_adapter(fresh, ["loaded", "bf16", None]):
         out = _logits(fresh, ids)
     torch.testing.assert_close(out[0], expected[0])
     torch.testing.assert_close(out[1], expected[1], rtol=2e-2, atol=2e-2)

@@ -46,11 +46,11 @@ def test_single_adapter_matches_reference(device, dtype, use_rslora, bias):
     expected = 12 / math.sqrt(6) if use_rslora else 12 / 6
     assert layer.specs["a"].scale == pytest.approx(expected)
     x = torch.randn(3, 5, 24).to(device, dtype)
-    with torch.no_grad(), lora_ext.set_adapter(layer, "a"):
+    with torch.no_grad(), lora_ext.use_adapter(layer, "a"):
         y = layer(x)
     assert y.dtype == dtype
     assert_close_to_ref(y, _ref(layer, x, "a"), dtype, "lora_linear path")
-    with torch.no_grad(), lora_ext.set_adapter(layer, None):
+    with torch.no_grad(), lora_ext.use_adapter(layer, None):
         assert_close_to_ref(layer(x), _ref(layer, x, None), dtype, "base path")
 
 
@@ -87,7 +87,7 @@ def test_mixed_batch_matches_per_row(device, dtype):
     assert torch.count_nonzero(a_stack[slots[0], 2:]) == 0  # zero padded beyond each rank
     names = ["c", None, "a", "b", "a"]
     x = torch.randn(len(names), 4, 24).to(device, dtype)
-    with torch.no_grad(), lora_ext.set_adapter(layer, names):
+    with torch.no_grad(), lora_ext.use_adapter(layer, names):
         y = layer(x)
     for i, name in enumerate(names):
         assert_close_to_ref(y[i], _ref(layer, x[i], name), dtype, f"row {i} ({name})")
@@ -118,7 +118,7 @@ def test_parameters_are_views_of_the_slot_stacks():
     assert twin.stacks()[0].dtype == torch.float64
     assert twin.lora_A["a"].data_ptr() == twin.stacks()[0][twin.slot("a")].data_ptr()
     x = torch.randn(3, 24, dtype=torch.float64)
-    with torch.no_grad(), lora_ext.set_adapter(twin, ["a", "b", "c"]):
+    with torch.no_grad(), lora_ext.use_adapter(twin, ["a", "b", "c"]):
         y = twin(x)
     for i, n in enumerate("abc"):
         torch.testing.assert_close(y[i], _ref(twin, x[i], n))
@@ -131,7 +131,7 @@ def test_gradients_reach_adapter_parameters(mixed):
     names = ["a", "b", None, "a"] if mixed else "a"
     x = torch.randn(4, 3, 24, requires_grad=True)
     target = torch.randn(4, 3, 20)
-    with lora_ext.set_adapter(layer, names):
+    with lora_ext.use_adapter(layer, names):
         ((layer(x) - target) ** 2).sum().backward()
     # float64 reference through plain autograd
     params = {k: p.detach().double().requires_grad_(True) for k, p in layer.named_parameters()}
@@ -171,7 +171,7 @@ def test_dropout_applies_to_lora_path_only():
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
     # Mixed batch in training: still a dropout on the LoRA path, base untouched.
     layer.add_adapter("b", r=2)  # B zero: rows on "b" give exactly the base output
-    with lora_ext.set_adapter(layer, ["b", "a", None]):
+    with lora_ext.use_adapter(layer, ["b", "a", None]):
         y = layer(x[:3])
     torch.testing.assert_close(y[0], layer.base_layer(x[0]), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(y[2], layer.base_layer(x[2]), rtol=1e-6, atol=1e-6)
@@ -210,8 +210,8 @@ def test_load_state_dict_keeps_one_copy():
     x = torch.randn(2, 24)
     for assign in (False, True):
         layer.load_state_dict(state, assign=assign)
-        assert layer._shares_storage(), assign
+        assert layer.shares_storage(), assign
         torch.testing.assert_close(layer.lora_B["b"], state["lora_B.b"])
-        with torch.no_grad(), lora_ext.set_adapter(layer, ["a", "b"]):
+        with torch.no_grad(), lora_ext.use_adapter(layer, ["a", "b"]):
             y = layer(x)
         torch.testing.assert_close(y[1], _ref(layer, x[1], "b").float())

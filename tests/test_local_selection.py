@@ -1,8 +1,10 @@
-"""`with set_adapter(...)` is local to the thread or asyncio task that entered it; a
-plain call is model-wide. Every output is checked against the model run alone with
+"""`with use_adapter(...)` is local to the thread or asyncio task that entered it, however
+it is entered; `set_adapter` is a plain, model-wide call. Every output is checked against the model run alone with
 that adapter, so a selection leaking between threads or tasks changes the numbers."""
 
 import asyncio
+import contextlib
+import pathlib
 import threading
 
 import pytest
@@ -56,8 +58,35 @@ def _in_threads(target, args_per_thread):
         raise errors[0]
 
 
+def _helper(model, names):
+    """A selection made in a helper function and entered by its caller."""
+    return lora_ext.use_adapter(model, names)
+
+
+@contextlib.contextmanager
+def _entered(form: str, model, names):
+    """``use_adapter`` entered in each way a program may enter it."""
+    if form == "with":
+        with lora_ext.use_adapter(model, names):
+            yield
+    elif form == "exitstack":
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(lora_ext.use_adapter(model, names))
+            yield
+    elif form == "conditional":
+        with (lora_ext.use_adapter(model, names) if names is not None else contextlib.nullcontext()):
+            yield
+    else:
+        with _helper(model, names):
+            yield
+
+
+FORMS = ["with", "exitstack", "conditional", "helper"]
+
+
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_with_block_is_local_to_its_thread(compiled):
+def test_with_block_is_local_to_its_thread(compiled, form):
     model = _model()
     x = torch.randn(2, 16)
     expected = _expected(model, x)
@@ -69,7 +98,7 @@ def test_with_block_is_local_to_its_thread(compiled):
 
         def serve(names):
             key = tuple(names) if isinstance(names, list) else names
-            with lora_ext.set_adapter(model, names):
+            with _entered(form, model, names):
                 barrier.wait(timeout=60)  # every thread is inside its block now
                 for _ in range(20):
                     torch.testing.assert_close(run(x), expected[key], rtol=0, atol=0)
@@ -94,21 +123,22 @@ def test_plain_call_is_model_wide():
         _in_threads(choose, [()])
         assert chosen.is_set()
         torch.testing.assert_close(model(x), expected["b"], rtol=0, atol=0)
-        with lora_ext.set_adapter(model, "a"):
+        with lora_ext.use_adapter(model, "a"):
             torch.testing.assert_close(model(x), expected["a"], rtol=0, atol=0)
             lora_ext.set_adapter(model, "c")  # a plain call inside a block: this thread too
             torch.testing.assert_close(model(x), expected["c"], rtol=0, atol=0)
         torch.testing.assert_close(model(x), expected["c"], rtol=0, atol=0)
 
 
-def test_with_block_is_local_to_its_asyncio_task():
+@pytest.mark.parametrize("form", FORMS)
+def test_with_block_is_local_to_its_asyncio_task(form):
     model = _model()
     x = torch.randn(2, 16)
     expected = _expected(model, x)
     lora_ext.set_adapter(model, None)
 
     async def serve(name):
-        with lora_ext.set_adapter(model, name):
+        with _entered(form, model, name):
             for _ in range(5):
                 await asyncio.sleep(0)  # the other tasks enter their blocks in between
                 torch.testing.assert_close(model(x), expected[name], rtol=0, atol=0)
@@ -129,7 +159,7 @@ def test_local_selection_of_a_deleted_adapter_falls_back_to_the_base(compiled):
     expected = _expected(model, x)
     run = torch.compile(model, backend="aot_eager") if compiled else model
     lora_ext.set_adapter(model, "a")
-    with torch.no_grad(), lora_ext.set_adapter(model, ["b", "a"]):
+    with torch.no_grad(), lora_ext.use_adapter(model, ["b", "a"]):
         run(x)
         lora_ext.delete_adapter(model, "a")
         lora_ext.inject_lora(model, ["0", "2"], r=4, adapter_name="d", init="gaussian")
@@ -145,23 +175,39 @@ def test_local_selection_of_a_deleted_adapter_falls_back_to_the_base(compiled):
 def test_with_form_checks_names_and_changes_nothing_on_error():
     model = _model()
     lora_ext.set_adapter(model, "a")
-    ctx = lora_ext.model._context(model)
     with pytest.raises(ValueError, match="unknown adapter 'zzz'"):
-        with lora_ext.set_adapter(model, ["a", "zzz"]):
+        with lora_ext.use_adapter(model, ["a", "zzz"]):
             pass
-    assert ctx.selection.names == ["a"]
+    assert lora_ext.active_adapters(model) == "a"
     with pytest.raises(RuntimeError, match="boom"):
-        with lora_ext.set_adapter(model, "b"):
+        with lora_ext.use_adapter(model, "b"):
             raise RuntimeError("boom")
-    assert ctx.selection.names == ["a"]
+    assert lora_ext.active_adapters(model) == "a"
 
 
-def test_a_call_that_is_not_the_with_expression_warns():
+def test_set_adapter_is_not_a_context_manager():
+    """`with set_adapter(...)` names use_adapter and puts the model-wide selection back."""
     model = _model()
     lora_ext.set_adapter(model, "a")
-    ctx = lora_ext.model._context(model)
-    use_b = True
-    with pytest.warns(UserWarning, match="also changed the model-wide selection"):
-        with (lora_ext.set_adapter(model, "b") if use_b else None):
+    with pytest.raises(TypeError, match="use_adapter"):
+        with lora_ext.set_adapter(model, "b"):
             pass
-    assert ctx.selection.names == ["b"]  # the plain call's effect stays
+    assert lora_ext.active_adapters(model) == "a"
+    with pytest.raises(TypeError, match="use_adapter"):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(lora_ext.set_adapter(model, "c"))
+    assert lora_ext.active_adapters(model) == "a"
+    selection = lora_ext.set_adapter(model, "b")
+    lora_ext.set_adapter(model, "c")  # changed again since: entering must not undo it
+    with pytest.raises(TypeError, match="stays"):
+        with selection:
+            pass
+    assert lora_ext.active_adapters(model) == "c"
+
+
+def test_no_frame_inspection():
+    """The selection never depends on the caller's code (no frame or bytecode reading)."""
+    package = pathlib.Path(lora_ext.__file__).parent
+    for path in package.rglob("*.py"):
+        source = path.read_text()
+        assert "_getframe" not in source and "import dis" not in source, path

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lora_ext
-from lora_ext.model import _lora_layers
+from lora_ext import lora_layers
 
 peft = pytest.importorskip("peft")
 
@@ -36,7 +36,7 @@ def _logits(model, ids, names=None):
     with torch.no_grad():
         if names is None:
             return model(ids).logits
-        with lora_ext.set_adapter(model, names):
+        with lora_ext.use_adapter(model, names):
             return model(ids).logits
 
 
@@ -170,7 +170,7 @@ def test_replace_while_another_thread_runs_forwards(tiny_llama, selection):
     def forwards():
         try:
             if selection == "thread-local":
-                with lora_ext.set_adapter(model, names):
+                with lora_ext.use_adapter(model, names):
                     run()
             else:
                 run()
@@ -201,7 +201,7 @@ def test_one_copy_and_memory_accounting(tiny_llama):
     lora_ext.reserve_adapters(model, count)
     for i in range(1, count):
         lora_ext.load_adapter(model, _state_dict(model, cfg, seed=i), f"a{i}", config=cfg)
-    layers = [m for _, m in _lora_layers(model)]
+    layers = [m for _, m in lora_layers(model)]
     adapter_bytes = sum(p.numel() * p.element_size() for m in layers for p in m.parameters() if p is not m.base_layer.weight and p is not m.base_layer.bias)
     stack_bytes = sum(t.numel() * t.element_size() for m in layers for t in m.stacks()[:2])
     # Reserved to exactly the number loaded, one rank: the stacks are the adapters' bytes.
@@ -281,7 +281,7 @@ def test_compiled_training_reaches_the_adapter_parameters(tiny_llama):
     model = tiny_llama()
     lora_ext.inject_lora(model, ["q_proj", "v_proj"], r=4, adapter_name="t", init="gaussian")
     lora_ext.inject_lora(model, ["q_proj", "v_proj"], r=2, adapter_name="u", init="gaussian")
-    for _, layer in _lora_layers(model):
+    for _, layer in lora_layers(model):
         for n in ("t", "u"):
             layer.lora_B[n].data.normal_()
             layer.lora_B[n].requires_grad_(True)
@@ -290,7 +290,7 @@ def test_compiled_training_reaches_the_adapter_parameters(tiny_llama):
     grads = []
     for m in (model, compiled):
         model.zero_grad(set_to_none=True)
-        with lora_ext.set_adapter(model, ["t", "u"]):
+        with lora_ext.use_adapter(model, ["t", "u"]):
             m(ids, labels=ids).loss.backward()
         q = model.model.layers[0].self_attn.q_proj
         grads.append([q.lora_B["t"].grad.clone(), q.lora_B["u"].grad.clone()])

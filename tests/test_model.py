@@ -6,7 +6,7 @@ from torch import nn
 
 import lora_ext
 from lora_ext import LoRALinear
-from lora_ext.model import _lora_layers
+from lora_ext import lora_layers
 
 from conftest import TOLERANCE, id_formatter
 
@@ -16,7 +16,7 @@ ATTN_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "dow
 def _randomize_b(model, name, std=0.3, seed=1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, layer in _lora_layers(model):
+        for _, layer in lora_layers(model):
             if name in layer.specs:
                 b = layer.lora_B[name]
                 b.copy_(torch.randn(b.shape, generator=g) * std)
@@ -50,7 +50,7 @@ def test_inject_replaces_targets_and_freezes_base(tiny_llama):
     with torch.no_grad():
         ref = model(ids).logits
     assert lora_ext.inject_lora(model, ATTN_MLP, r=4, alpha=8) is model
-    layers = _lora_layers(model)
+    layers = lora_layers(model)
     assert len(layers) == 2 * 7
     assert {n.rpartition(".")[2] for n, _ in layers} == set(ATTN_MLP)
     assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, LoRALinear)
@@ -63,7 +63,7 @@ def test_inject_replaces_targets_and_freezes_base(tiny_llama):
     # Adding to existing LoRA layers adds an adapter; a regex selects by full name.
     lora_ext.inject_lora(model, r"model\.layers\.0\.self_attn\.(q|v)_proj", r=2, adapter_name="second")
     assert lora_ext.list_adapters(model) == ["default", "second"]
-    assert len(_lora_layers(model)) == 14
+    assert len(lora_layers(model)) == 14
     assert model.model.layers[0].self_attn.q_proj.adapter_names == ["default", "second"]
     assert model.model.layers[1].self_attn.q_proj.adapter_names == ["default"]
     assert not model.model.layers[0].self_attn.q_proj.lora_A["default"].requires_grad
@@ -78,9 +78,9 @@ def test_inject_errors_change_nothing(tiny_llama):
         lora_ext.inject_lora(model, ["nonexistent"])
     with pytest.raises(TypeError, match="Embedding"):
         lora_ext.inject_lora(model, ["embed_tokens", "q_proj"])
-    assert not _lora_layers(model)
+    assert not lora_layers(model)
     lora_ext.inject_lora(model, "all-linear", adapter_name="x")
-    assert len(_lora_layers(model)) == 14  # all-linear leaves the output layer alone
+    assert len(lora_layers(model)) == 14  # all-linear leaves the output layer alone
     with pytest.raises(ValueError, match="already loaded"):
         lora_ext.inject_lora(model, ["q_proj"], adapter_name="x")
 
@@ -91,28 +91,27 @@ def test_mixed_batch_equals_per_row(tiny_llama, dtype):
     names = ["b", None, "a", "a", "b"]
     ids = torch.randint(3, 128, (len(names), 9))
     with torch.no_grad():
-        with lora_ext.set_adapter(model, names):
+        with lora_ext.use_adapter(model, names):
             mixed = model(ids).logits
         for i, name in enumerate(names):
-            with lora_ext.set_adapter(model, name):
+            with lora_ext.use_adapter(model, name):
                 alone = model(ids[i : i + 1]).logits[0]
             scale = max(alone.abs().max().item(), 1.0)
             assert (mixed[i] - alone).abs().max().item() <= 4 * TOLERANCE[dtype] * scale, (i, name)
         # the adapters do change the output (so the comparison above means something)
-        with lora_ext.set_adapter(model, [None, "a", "b"]):
+        with lora_ext.use_adapter(model, [None, "a", "b"]):
             out = model(ids[:1].expand(3, -1)).logits
         assert (out[0] - out[1]).abs().max() > 1e-2 and (out[0] - out[2]).abs().max() > 1e-2
 
 
 def test_set_adapter_context_manager_and_errors(tiny_llama):
     model = _two_adapters(tiny_llama())
-    ctx = _lora_layers(model)[0][1]._context
     lora_ext.set_adapter(model, "a")
-    with lora_ext.set_adapter(model, ["a", "b"]):
-        assert ctx.selection.names == ["a", "b"]
+    with lora_ext.use_adapter(model, ["a", "b"]):
+        assert lora_ext.active_adapters(model) == ["a", "b"]
         with pytest.raises(ValueError, match="batch has 3 rows"):
             model(torch.randint(3, 128, (3, 4)))
-    assert ctx.selection.names == ["a"]
+    assert lora_ext.active_adapters(model) == "a"
     with pytest.raises(ValueError, match="unknown adapter"):
         lora_ext.set_adapter(model, ["a", "zzz"])
     with pytest.raises(ValueError, match="no LoRA layers"):
@@ -121,14 +120,14 @@ def test_set_adapter_context_manager_and_errors(tiny_llama):
 
 def test_row_indices_computed_once_for_all_layers(tiny_llama, monkeypatch):
     model = _two_adapters(tiny_llama())
-    ctx = _lora_layers(model)[0][1]._context
     built = []
     original = torch.Tensor.repeat_interleave
     monkeypatch.setattr(torch.Tensor, "repeat_interleave", lambda *a, **k: built.append(1) or original(*a, **k))
-    with torch.no_grad(), lora_ext.set_adapter(model, ["a", "b", None]):
+    lora_ext.set_adapter(model, ["a", "b", None])
+    with torch.no_grad():
         model(torch.randint(3, 128, (3, 5)))
         # slots are the same in every layer: one index tensor for all of them
-        assert len(built) == 1 and len(ctx.selection._indices) == 1
+        assert len(built) == 1
         model(torch.randint(3, 128, (3, 5)))  # same shape: reused
         assert len(built) == 1
 
@@ -140,7 +139,7 @@ def test_generate_with_mixed_adapters_equals_per_row(tiny_llama):
     mask = torch.ones_like(ids)
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        with lora_ext.set_adapter(model, names):
+        with lora_ext.use_adapter(model, names):
             greedy = model.generate(ids, attention_mask=mask, **kw)
             beams = model.generate(ids, attention_mask=mask, num_beams=2, **kw)
             torch.manual_seed(0)
@@ -148,7 +147,7 @@ def test_generate_with_mixed_adapters_equals_per_row(tiny_llama):
                                      num_return_sequences=2)
         assert sampled.shape == (2 * len(names), 12)
         for i, name in enumerate(names):
-            with lora_ext.set_adapter(model, name):
+            with lora_ext.use_adapter(model, name):
                 one = model.generate(ids[i : i + 1], attention_mask=mask[i : i + 1], **kw)
                 one_beam = model.generate(ids[i : i + 1], attention_mask=mask[i : i + 1], num_beams=2, **kw)
             assert greedy[i].tolist() == one[0].tolist(), (i, name)
@@ -164,7 +163,7 @@ def test_merge_unmerge_bit_exact_over_many_cycles(tiny_llama, dtype):
     before = _weights(model)
     ids = torch.randint(3, 128, (2, 5))
     with torch.no_grad():
-        with lora_ext.set_adapter(model, "b"):
+        with lora_ext.use_adapter(model, "b"):
             adapter_out = model(ids).logits.float()
         for cycle in range(200):
             name = "ab"[cycle % 2]
@@ -174,11 +173,11 @@ def test_merge_unmerge_bit_exact_over_many_cycles(tiny_llama, dtype):
                 assert q.merged_adapter == name
                 assert not torch.equal(q.weight, before["model.layers.0.self_attn.q_proj.base_layer.weight"])
                 if name == "b":
-                    with lora_ext.set_adapter(model, "b"):
+                    with lora_ext.use_adapter(model, "b"):
                         merged_out = model(ids).logits.float()
                     err = (merged_out - adapter_out).abs().max().item()
                     assert err <= 8 * TOLERANCE[dtype] * max(adapter_out.abs().max().item(), 1.0)
-                    with pytest.raises(RuntimeError, match="merged"), lora_ext.set_adapter(model, ["a", "b"]):
+                    with pytest.raises(RuntimeError, match="merged"), lora_ext.use_adapter(model, ["a", "b"]):
                         model(ids)
             lora_ext.unmerge_adapter(model)
     _assert_bitwise_equal(before, model)
@@ -187,9 +186,9 @@ def test_merge_unmerge_bit_exact_over_many_cycles(tiny_llama, dtype):
     _randomize_b(model, "a", std=0.02, seed=3)
     before = _weights(model)
     lora_ext.merge_adapter(model, "a")
-    layers = [m for _, m in _lora_layers(model) if m.merged_adapter == "a"]
-    assert all(m._merged["residual"].dtype == torch.int8 for m in layers)
-    overflow = sum(m._merged["overflow"][0].numel() for m in layers)
+    layers = [m for _, m in lora_layers(model) if m.merged_adapter == "a"]
+    assert all(m.merge_record.residual.dtype == torch.int8 for m in layers)
+    overflow = sum(m.merge_record.overflow_index.numel() for m in layers)
     assert overflow <= sum(m.weight.numel() for m in layers) // 100
     lora_ext.unmerge_adapter(model)
     _assert_bitwise_equal(before, model)
@@ -208,7 +207,7 @@ def test_safe_merge_refuses_non_finite(tiny_llama, dtype):
     with pytest.raises(ValueError, match="non-finite"):
         lora_ext.merge_adapter(model, "b")
     _assert_bitwise_equal(before, model)
-    assert all(m.merged_adapter is None for _, m in _lora_layers(model))
+    assert all(m.merged_adapter is None for _, m in lora_layers(model))
     with pytest.raises(ValueError, match="non-finite"):
         lora_ext.merge_and_unload(model, "b")
     _assert_bitwise_equal(before, model)
@@ -221,10 +220,10 @@ def test_merge_and_unload_gives_plain_model(tiny_llama):
     model = _two_adapters(tiny_llama())
     ids = torch.randint(3, 128, (2, 7))
     with torch.no_grad():
-        with lora_ext.set_adapter(model, "b"):
+        with lora_ext.use_adapter(model, "b"):
             ref = model(ids).logits
         plain = lora_ext.merge_and_unload(model, "b")
-        assert not _lora_layers(plain)
+        assert not lora_layers(plain)
         assert all(type(m) is not LoRALinear for m in plain.modules())
         assert not any("lora" in k or "base_layer" in k for k in plain.state_dict())
         torch.testing.assert_close(plain(ids).logits, ref, rtol=1e-4, atol=1e-4)
@@ -235,9 +234,9 @@ def test_delete_adapter_frees_and_falls_back_to_base(tiny_llama):
     ids = torch.randint(3, 128, (2, 5))
     lora_ext.set_adapter(model, ["a", "b"])
     with torch.no_grad():
-        with lora_ext.set_adapter(model, "b"):
+        with lora_ext.use_adapter(model, "b"):
             b_out = model(ids[1:]).logits
-        with lora_ext.set_adapter(model, None):
+        with lora_ext.use_adapter(model, None):
             base_out = model(ids[:1]).logits
         model(ids)
     n_params = sum(p.numel() for p in model.parameters())
@@ -269,7 +268,7 @@ def _train(model, ids, steps, names):
     opt = torch.optim.AdamW(params, lr=2e-2)
     losses = []
     model.train()
-    with lora_ext.set_adapter(model, names):
+    with lora_ext.use_adapter(model, names):
         for _ in range(steps):
             loss = model(ids, labels=ids).loss
             opt.zero_grad()
@@ -293,9 +292,9 @@ def test_short_training_run_lowers_loss(tiny_llama):
     # After training, inference sees the new weights (the stacks are refreshed).
     lora_ext.inject_lora(model, ["q_proj"], r=2, adapter_name="other")
     with torch.no_grad():
-        with lora_ext.set_adapter(model, "default"):
+        with lora_ext.use_adapter(model, "default"):
             one = model(ids[:1]).logits
-        with lora_ext.set_adapter(model, ["default", "other"]):
+        with lora_ext.use_adapter(model, ["default", "other"]):
             mixed = model(ids[:2]).logits
     torch.testing.assert_close(mixed[:1], one, rtol=1e-4, atol=1e-4)
 
@@ -304,7 +303,7 @@ def test_training_two_adapters_in_one_mixed_batch(tiny_llama):
     model = tiny_llama()
     lora_ext.inject_lora(model, ATTN_MLP + ["lm_head"], r=4, alpha=8, adapter_name="x")
     lora_ext.inject_lora(model, ATTN_MLP + ["lm_head"], r=8, alpha=8, adapter_name="y")
-    for _, layer in _lora_layers(model):
+    for _, layer in lora_layers(model):
         for n in ("x", "y"):
             layer.lora_A[n].requires_grad_(True)
             layer.lora_B[n].requires_grad_(True)

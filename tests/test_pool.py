@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import lora_ext
-from lora_ext.model import _lora_layers
+from lora_ext import lora_layers
 
 from test_many_adapters import _config, _state_dict
 
@@ -35,7 +35,7 @@ def _check_outputs(model, reference, names):
     ids = torch.randint(3, 128, (len(names), 5), generator=torch.Generator().manual_seed(len(names)))
     with torch.no_grad():
         out = model(ids).logits
-        with lora_ext.set_adapter(reference, names):
+        with lora_ext.use_adapter(reference, names):
             ref = reference(ids).logits
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
@@ -55,7 +55,7 @@ def test_lru_eviction_order_and_outputs(setup):
         assert sorted(lora_ext.list_adapters(model)) == sorted(resident)
         _check_outputs(model, reference, names)
     # never more than max_resident slots in the stacks
-    for _, layer in _lora_layers(model):
+    for _, layer in lora_layers(model):
         assert layer.stacks()[0].shape[0] == 3
 
 
@@ -66,10 +66,10 @@ def test_prefetch_loads_ahead_without_changing_the_selection(setup):
     pool.prefetch(["p3", None])
     assert pool.resident == ["p1", "p2", "p3"]  # p0 was the least recently used
     # the selection is still the last set_adapter's, not the prefetched adapter
-    assert lora_ext.model._context(model).selection.names == ["p1", "p2"]
+    assert lora_ext.active_adapters(model) == ["p1", "p2"]
     pool.prefetch(["p4"])  # evicts p1, which the current selection uses: its rows get the base
     assert pool.resident == ["p2", "p3", "p4"]
-    assert lora_ext.model._context(model).selection.names == [None, "p2"]
+    assert lora_ext.active_adapters(model) == [None, "p2"]
     q = model.model.layers[0].self_attn.q_proj
     slots = {n: q.slot(n) for n in ("p3", "p4")}
     pool.set_adapter(["p4", "p3"])  # already resident: nothing loaded

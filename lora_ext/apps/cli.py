@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .. import inject_lora, load_adapter, save_adapter, set_adapter, trainable_parameters
+from .. import inject_lora, load_adapter, save_adapter, set_adapter, trainable_parameters, use_adapter
 from . import llm
 from .tasks import BASE_QUESTIONS, TASKS, check_base, get_task
 
@@ -258,7 +258,7 @@ def _train(args, ranks: _Ranks) -> int:
     print(f"saved {args.out} ({size / 2**20:.2f} MiB, bf16)")
     if args.eval > 0:
         rate = pass_rate(model, tokenizer, task, args.eval)
-        with set_adapter(model, None):
+        with use_adapter(model, None):
             base = pass_rate(model, tokenizer, task, args.eval)
         print(f"check pass rate on {args.eval} held-out prompts: adapter {rate:.0%}, base model {base:.0%}")
     return 0
@@ -347,7 +347,7 @@ def cmd_demo(args) -> int:
     max_new = max([TASKS[n].max_new_tokens for n in names] + [16])
 
     def run_lora():
-        with set_adapter(model, per_row):
+        with use_adapter(model, per_row):
             return llm.generate(model, tokenizer, prompts, max_new)
 
     # Each configuration's first call gives its outputs and serves as its warm-up.

@@ -1,31 +1,35 @@
-"""The state all LoRA layers of one model share: adapter slots and the row selection.
+"""Which adapter each batch row uses: resolved selections, and who sees which.
 
-Every adapter of a model owns one *slot* number, the same in every layer, so each
-layer keeps its adapters in a slot stack (``a_stack[slot]``, ``b_stack[slot]``) and a
-batch's row-to-adapter index is built once per model forward and shared by all
-layers. Slots are handed out from a free list and reused; the capacity (slots per
-stack) grows geometrically, so loading, deleting and replacing an adapter cost O(1)
-in the number loaded, amortised.
+A :class:`Selection` is an immutable choice of adapter per batch row, resolved to
+slot numbers (the same in every layer of a model, see :mod:`lora_ext.lifecycle`), so
+a batch's row-to-adapter index is built once per model forward and shared by all
+layers.
 
-Selections are model-wide or *local*: a local one (``with set_adapter(...)``) is kept
-in a :class:`contextvars.ContextVar`, so it applies only to the thread or asyncio task
-that entered the block, and wins over the model-wide one there.
+:class:`SelectionState` keeps a model's selections:
+
+- the *model-wide* one (:func:`lora_ext.set_adapter`), used by every thread;
+- *local* ones (``with lora_ext.use_adapter(...)``), kept in a
+  :class:`contextvars.ContextVar`, so each applies only to the thread or asyncio
+  task that entered the block, and wins over the model-wide one there. A compiled
+  forward (``torch.compile``) cannot read a ContextVar (Dynamo traces
+  ``threading.local``, not ``ContextVar.get``), so it reads a per-thread copy: the
+  local selection of the last block entered or left in that thread.
 
 Thread safety: the selection a forward uses is *pinned* for the whole model forward
-(a forward pre-hook on the module that :func:`lora_ext.set_adapter` or a loader was
-given), so replacing or deleting an adapter while another thread runs forwards
-never mixes old and new weights inside one forward. A replaced adapter's old slot is
-freed only once no pinned forward can still read it.
+(a forward pre-hook on the model), so replacing or deleting an adapter while another
+thread runs forwards never mixes old and new weights inside one forward. A replaced
+adapter's old slot is freed only once no pinned forward can still read it
+(:meth:`SelectionState.wait_for_forwards_before`).
 """
 
 from __future__ import annotations
 
 import contextvars
-import heapq
 import itertools
 import math
 import threading
 import weakref
+from collections.abc import Mapping
 from typing import Optional, Sequence, Union
 
 import torch
@@ -33,29 +37,27 @@ from torch import Tensor
 
 AdapterNames = Union[Optional[str], Sequence[Optional[str]]]
 
-# Slots grow by this factor: amortised O(1) per load, at most 25% unused slots.
-_GROWTH = 1.25
 # Distinct (input shape, device) index tensors kept per selection.
 _MAX_CACHED_INDICES = 64
 
-# Local selections of this thread / asyncio task: {context key: (selection, generation
+# Local selections of this thread / asyncio task: {state key: (selection, generation
 # it was resolved at)}. One variable for all models (a ContextVar per model would be
 # kept alive by every context that ever set it); the dict is replaced, never mutated.
 _LOCAL_SELECTIONS: contextvars.ContextVar[dict] = contextvars.ContextVar("lora_ext_local_selections", default={})
-_context_keys = itertools.count()
+_state_keys = itertools.count()
 
 
-class _Selection:
+class Selection:
     """An immutable choice of adapter per batch row, resolved to slots (-1 = base)."""
 
-    def __init__(self, names: AdapterNames, slot_of: dict[str, int]):
+    def __init__(self, names: AdapterNames, slot_of: Mapping[str, int]):
         if names is None or isinstance(names, str):
             rows = [names]
             self.per_row = False
         else:
             rows = list(names)
             if not rows:
-                raise ValueError("set_adapter: the list of per-row adapters is empty")
+                raise ValueError("the list of per-row adapters is empty")
             self.per_row = True
         for name in rows:
             if name is not None and name not in slot_of:
@@ -73,9 +75,15 @@ class _Selection:
         )
         self._indices: dict = {}
 
-    def as_argument(self) -> AdapterNames:
-        """What set_adapter was given (to restore it)."""
+    @property
+    def argument(self) -> AdapterNames:
+        """What the selection was made from (one name, or one per row)."""
         return self.names if self.per_row else self.names[0]
+
+    @property
+    def cached_indices(self) -> int:
+        """How many per-shape row indices this selection holds (built once, shared by layers)."""
+        return len(self._indices)
 
     def row_index(self, x: Tensor, compact: bool = False) -> Tensor:
         """int32 ``[tokens]`` slot of every token row of ``x`` (-1: base), cached per shape.
@@ -91,21 +99,21 @@ class _Selection:
         key = (shape, x.device, compact)
         index = self._indices.get(key)
         if index is None:
-            batch = shape[0] if len(shape) > 1 else 1
-            tokens = math.prod(shape[1:-1]) if len(shape) > 2 else 1
-            rows = self.compact_rows if compact else self.rows
-            index = expand_rows(rows, batch, tokens).to(x.device)
+            index = expand_rows(self.compact_rows if compact else self.rows, x).to(x.device)
             if len(self._indices) >= _MAX_CACHED_INDICES:
                 self._indices = {}
             self._indices[key] = index
         return index
 
 
-def expand_rows(rows: Tensor, batch: int, tokens: int) -> Tensor:
-    """Per-batch-row slots -> per-token-row slots (also traced by torch.compile)."""
+def expand_rows(rows: Tensor, x: Tensor) -> Tensor:
+    """Per-batch-row entries -> per-token-row entries of ``x`` (also traced by torch.compile)."""
+    shape = x.shape
+    batch = shape[0] if len(shape) > 1 else 1
+    tokens = math.prod(shape[1:-1]) if len(shape) > 2 else 1
     if batch % rows.shape[0] != 0:
         raise ValueError(
-            f"the batch has {batch} rows but set_adapter was given {rows.shape[0]} "
+            f"the batch has {batch} rows but the selection has {rows.shape[0]} "
             "per-row adapters (expected the same number, or a multiple for "
             "num_beams / num_return_sequences)"
         )
@@ -117,123 +125,68 @@ class _ThreadView:
 
     def __init__(self) -> None:
         self.is_local = False
-        self.selection: Optional[_Selection] = None
+        self.selection: Optional[Selection] = None
 
 
-class _AdapterContext:
-    """Slots, capacity and selection shared by all LoRA layers of one model."""
+class SelectionState:
+    """The model-wide selection, the local ones and the per-forward pins of one model.
 
-    def __init__(self) -> None:
-        self.slot_of: dict[str, int] = {}  # name -> slot, in load order
-        self.capacity = 0  # slots per layer stack
-        self.max_rank: Optional[int] = None  # user-set rank capacity (None: grows)
-        self._free: list[int] = []  # heap of freed slots
-        self._next_slot = 0  # slots [0, _next_slot) have been handed out
-        self._init_runtime()
+    ``slot_of``: the model's slot table (name -> slot), read when resolving names.
+    """
 
-    def _init_runtime(self) -> None:
-        self.layers: "weakref.WeakSet" = weakref.WeakSet()
-        self._mutex = threading.RLock()  # serialises loads, deletes, replaces
+    def __init__(self, slot_of: Mapping[str, int], selection: Optional[Selection] = None) -> None:
+        self._slot_of = slot_of
         self._cond = threading.Condition()  # guards the published selection and pins
         self._generation = 0
-        self._published: tuple[int, Optional[_Selection]] = (0, None)
+        self._published: tuple[int, Optional[Selection]] = (0, selection)
         self._slots_changed_at = 0  # generation of the last reselect (slots freed or moved)
         self._pins: dict[int, list] = {}  # thread id -> [selection, depth, generation]
-        self._key = next(_context_keys)  # this context's entry in _LOCAL_SELECTIONS
-        # Per thread, a copy of its local selection that compiled forwards read (Dynamo
-        # traces threading.local, not ContextVar); every thread's view, to re-resolve them.
+        self._key = next(_state_keys)  # this state's entry in _LOCAL_SELECTIONS
         self._thread = threading.local()
         self._views: "weakref.WeakSet[_ThreadView]" = weakref.WeakSet()
 
-    # deepcopy / pickle: locks and pins are per process, layers re-register themselves
-    def __getstate__(self) -> dict:
-        keep = ("slot_of", "capacity", "max_rank", "_free", "_next_slot")
-        state = {k: self.__dict__[k] for k in keep}
-        state["selection"] = self.selection
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        selection = state.pop("selection")
-        self.__dict__.update(state)
-        self._init_runtime()
-        self._published = (0, selection)
+    @property
+    def generation(self) -> int:
+        """Counts publications; a local selection records the one it was resolved at."""
+        return self._generation
 
     @property
-    def names(self) -> list[str]:
-        return list(self.slot_of)
+    def model_wide(self) -> Optional[Selection]:
+        return self._published[1]
 
     @property
-    def selection(self) -> Optional[_Selection]:
+    def current(self) -> Optional[Selection]:
         """The selection forwards of this thread / task use: its local one, else the model-wide one."""
         local = self._local()
         return local[0] if local is not None else self._published[1]
 
-    # -- slots ----------------------------------------------------------------------
-    def register(self, layer) -> None:
-        self.layers.add(layer)
+    def resolve(self, names: AdapterNames) -> Optional[Selection]:
+        return None if names is None else Selection(names, self._slot_of)
 
-    def take_slot(self) -> int:
-        """A free slot, growing every layer's stacks when none is left."""
-        if self._free:
-            return heapq.heappop(self._free)
-        if self._next_slot >= self.capacity:
-            self.reserve(max(self.capacity + 1, math.ceil(self.capacity * _GROWTH)))
-        slot = self._next_slot
-        self._next_slot += 1
-        return slot
-
-    def retire(self, name: str) -> None:
-        """Drop ``name``'s slot: rows selecting it fall back to the base model.
-
-        Waits for forwards of other threads that pinned a selection using the slot,
-        then zeroes it in every layer and puts it on the free list.
-        """
-        slot = self.slot_of.pop(name)
-        self.retire_slot(slot, self.reselect())
-
-    def retire_slot(self, slot: int, generation: int) -> None:
-        """Free ``slot`` once no forward older than ``generation`` can read it."""
-        self.wait_for_forwards_before(generation)
-        for layer in list(self.layers):
-            layer._clear_slot(slot)
-        heapq.heappush(self._free, slot)
-
-    def reserve(self, capacity: int, max_rank: Optional[int] = None) -> None:
-        """Grow the slot capacity (and fix the rank capacity) of every layer."""
-        if max_rank is not None:
-            self.max_rank = max_rank
-        if capacity > self.capacity:
-            self.capacity = capacity
-        for layer in list(self.layers):
-            layer._fit_storage()
-
-    # -- selection and pinning ----------------------------------------------------------
-    def resolve(self, names: AdapterNames) -> Optional[_Selection]:
-        return None if names is None else _Selection(names, self.slot_of)
-
-    def select(self, names: AdapterNames) -> Optional[_Selection]:
-        """Set the model-wide selection; returns it."""
-        with self._mutex:  # resolved and published with no load, delete or replace between
-            selection = self.resolve(names)
-            self.publish(selection)
-            return selection
-
-    def publish(self, selection: Optional[_Selection]) -> int:
-        """Make ``selection`` the one new forwards use; returns its generation."""
+    def publish(self, selection: Optional[Selection]) -> int:
+        """Make ``selection`` the model-wide one new forwards use; returns its generation."""
         with self._cond:
             self._generation += 1
             self._published = (self._generation, selection)
             return self._generation
 
-    def _resolve_again(self, old: Optional[_Selection]) -> Optional[_Selection]:
+    def publish_if_current(self, generation: int, selection: Optional[Selection]) -> bool:
+        """Publish ``selection`` only if nothing was published since ``generation``."""
+        with self._cond:
+            if self._generation != generation:
+                return False
+            self.publish(selection)
+            return True
+
+    def _resolve_again(self, old: Optional[Selection]) -> Optional[Selection]:
         """``old`` against the current slots; adapters deleted since then -> base."""
         if old is None:
             return None
-        names = [n if n in self.slot_of else None for n in old.names]
+        names = [n if n in self._slot_of else None for n in old.names]
         return self.resolve(names if old.per_row else names[0])
 
     def reselect(self) -> int:
-        """Re-resolve the model-wide selection after slots changed.
+        """Re-resolve the model-wide selection after slots changed; returns its generation.
 
         Local selections are re-resolved when next used (:meth:`_local`).
         """
@@ -245,8 +198,8 @@ class _AdapterContext:
                     view.selection = self._resolve_again(view.selection)
             return generation
 
-    # -- local selections (``with set_adapter(...)``) -----------------------------------
-    def _local(self) -> Optional[tuple[Optional[_Selection], int]]:
+    # -- local selections (``with use_adapter(...)``) -------------------------------------
+    def _local(self) -> Optional[tuple[Optional[Selection], int]]:
         """This thread's / task's ``(selection, generation)``, re-resolved if slots changed since."""
         entry = _LOCAL_SELECTIONS.get().get(self._key)
         if entry is None or entry[1] >= self._slots_changed_at:
@@ -260,7 +213,7 @@ class _AdapterContext:
     def has_local(self) -> bool:
         return self._key in _LOCAL_SELECTIONS.get()
 
-    def set_local(self, selection: Optional[_Selection], resolved_at: int) -> contextvars.Token:
+    def set_local(self, selection: Optional[Selection], resolved_at: int) -> contextvars.Token:
         """Make ``selection`` this thread's / task's; returns the token that undoes it.
 
         ``resolved_at``: the generation read before ``selection`` was resolved, so that a
@@ -288,12 +241,8 @@ class _AdapterContext:
         view.is_local = local is not None
         view.selection = None if local is None else local[0]
 
-    def _current(self) -> tuple[int, Optional[_Selection]]:
-        """``(generation, selection)`` a forward starting now in this thread / task uses."""
-        local = self._local()
-        return self._published if local is None else (self._generation, local[0])
-
-    def active_selection(self) -> Optional[_Selection]:
+    # -- pinning -------------------------------------------------------------------------
+    def active(self) -> Optional[Selection]:
         """The selection pinned by this thread's running model forward, else the current one.
 
         A compiled model reads its thread's local selection as of the last ``with``
@@ -304,7 +253,7 @@ class _AdapterContext:
             view = getattr(self._thread, "view", None)
             return view.selection if view is not None and view.is_local else self._published[1]
         pin = self._pins.get(threading.get_ident())
-        return pin[0] if pin is not None else self.selection
+        return pin[0] if pin is not None else self.current
 
     def pin(self, *_) -> None:
         """Forward pre-hook of the model: fix the selection for this whole forward."""
@@ -315,9 +264,10 @@ class _AdapterContext:
             pin = self._pins.get(tid)
             if pin is not None:
                 pin[1] += 1
-            else:
-                generation, selection = self._current()
-                self._pins[tid] = [selection, 1, generation]
+                return
+            local = self._local()
+            generation, selection = self._published if local is None else (self._generation, local[0])
+            self._pins[tid] = [selection, 1, generation]
 
     def unpin(self, *_) -> None:
         """Forward hook (always called, also on errors): release the pin."""
@@ -337,14 +287,4 @@ class _AdapterContext:
         """Block until no other thread's forward uses a selection older than ``generation``."""
         me = threading.get_ident()
         with self._cond:
-            self._cond.wait_for(
-                lambda: all(p[2] >= generation for t, p in self._pins.items() if t != me)
-            )
-
-    def attach_pin_hooks(self, module: torch.nn.Module) -> None:
-        """Pin the selection per forward of ``module`` (once per module)."""
-        if getattr(module, "_lora_ext_pin_hooks", None) is self:
-            return
-        module.register_forward_pre_hook(self.pin)
-        module.register_forward_hook(self.unpin, always_call=True)
-        module._lora_ext_pin_hooks = self
+            self._cond.wait_for(lambda: all(p[2] >= generation for t, p in self._pins.items() if t != me))

@@ -1,0 +1,362 @@
+"""The adapter lifecycle of a model: one owner for slots, the lock and every change.
+
+Every adapter of a model owns one *slot* number, the same in every LoRA layer, so
+each layer keeps its adapters in slot stacks (:mod:`lora_ext.storage`) and one
+row-to-adapter index serves all layers (:mod:`lora_ext.selection`). The model's
+:class:`AdapterManager` is the only code that hands out slots, takes the lock, and
+attaches, replaces, deletes or reserves adapters; layers implement the small
+protocol of :class:`~lora_ext.storage.AdapterLayer` and read their slots.
+
+Loading is a :class:`AdapterPlan` (what goes into which module, checked) handed to
+:meth:`AdapterManager.attach` or :meth:`AdapterManager.replace`. Plain modules that
+a plan targets are wrapped by the layer kind registered for their type
+(:func:`register_layer_kind`).
+
+Slots are handed out from a free list and reused; the capacity (slots per stack)
+grows geometrically (on the CPU without copying: :mod:`lora_ext.storage`), so
+loading, deleting and replacing an adapter cost O(1) in the number loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import math
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .selection import SelectionState
+from .storage import AdapterLayer, AdapterSpec, check_adapter_name
+
+# Slots grow by this factor: amortised O(1) per load, at most 25% unused slots.
+_GROWTH = 1.25
+
+# Layer kinds: (plain module type, its LoRA layer class), most specific first.
+_LAYER_KINDS: list[tuple[type, Callable]] = []
+
+
+def register_layer_kind(base_type: type, layer_class: Callable) -> None:
+    """Wrap modules of ``base_type`` in ``layer_class(module, manager)`` when a plan targets them."""
+    _LAYER_KINDS.insert(0, (base_type, layer_class))
+
+
+def layer_kind(module: nn.Module) -> Optional[Callable]:
+    """The layer class for ``module`` (None: no LoRA layer kind takes it)."""
+    for base_type, layer_class in _LAYER_KINDS:
+        if isinstance(module, base_type):
+            return layer_class
+    return None
+
+
+def supported_kinds() -> str:
+    return ", ".join(t.__name__ for t, _ in _LAYER_KINDS)
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
+    """``(path, layer)`` of every LoRA layer in ``model``, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
+
+
+@dataclass
+class LayerPlan:
+    """One module's part of an adapter: its hyper-parameters and weights (None: initialise)."""
+
+    spec: AdapterSpec
+    a: Optional[Tensor] = None
+    b: Optional[Tensor] = None
+
+
+@dataclass
+class AdapterPlan:
+    """A checked adapter, ready to attach: module path -> :class:`LayerPlan`.
+
+    ``init`` (for plans without weights): ``"default"`` (PEFT's: A Kaiming-uniform,
+    B zero) or ``"gaussian"``.
+    """
+
+    layers: dict[str, LayerPlan] = field(default_factory=dict)
+    init: str = "default"
+
+    @property
+    def max_rank(self) -> int:
+        return max((p.spec.r for p in self.layers.values()), default=0)
+
+
+class AdapterManager:
+    """Slots, capacity, the lock and the selection state shared by all LoRA layers of one model."""
+
+    def __init__(self) -> None:
+        self._slot_of: dict[str, int] = {}  # name -> slot, in load order
+        self.capacity = 0  # slots per layer stack
+        self.max_rank: Optional[int] = None  # user-set rank capacity (None: grows)
+        self._free: list[int] = []  # heap of freed slots
+        self._next_slot = 0  # slots [0, _next_slot) have been handed out
+        self._init_runtime()
+
+    def _init_runtime(self, selection=None) -> None:
+        self._layers: "weakref.WeakSet[AdapterLayer]" = weakref.WeakSet()
+        self._lock = threading.RLock()  # serialises loads, deletes, replaces
+        self.selection = SelectionState(self._slot_of, selection)
+
+    # deepcopy / pickle: the lock and pins are per process; layers re-register themselves
+    def __getstate__(self) -> dict:
+        keep = ("_slot_of", "capacity", "max_rank", "_free", "_next_slot")
+        state = {k: self.__dict__[k] for k in keep}
+        state["model_wide"] = self.selection.model_wide
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        selection = state.pop("model_wide")
+        self.__dict__.update(state)
+        self._init_runtime(selection)
+
+    # -- reading ---------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return list(self._slot_of)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._slot_of
+
+    def slot(self, name: str) -> int:
+        return self._slot_of[name]
+
+    @property
+    def layers(self) -> list[AdapterLayer]:
+        return list(self._layers)
+
+    def register(self, layer: AdapterLayer) -> None:
+        self._layers.add(layer)
+
+    # -- slots -----------------------------------------------------------------------------
+    def _take_slot(self) -> int:
+        """A free slot, growing every layer's stacks when none is left."""
+        if self._free:
+            return heapq.heappop(self._free)
+        if self._next_slot >= self.capacity:
+            self._grow(max(self.capacity + 1, math.ceil(self.capacity * _GROWTH)))
+        slot = self._next_slot
+        self._next_slot += 1
+        return slot
+
+    def _grow(self, capacity: int) -> None:
+        self.capacity = max(self.capacity, capacity)
+        for layer in list(self._layers):
+            layer.fit_storage()
+
+    def _retire_slot(self, slot: int, generation: int) -> None:
+        """Free ``slot`` once no forward older than ``generation`` can read it."""
+        self.selection.wait_for_forwards_before(generation)
+        for layer in list(self._layers):
+            layer.clear_slot(slot)
+        heapq.heappush(self._free, slot)
+
+    def rebuild(self, layer: AdapterLayer, rank: int) -> None:
+        """Re-allocate ``layer``'s stacks from its parameters (after ``to()``, a copy, sharding)."""
+        with self._lock:
+            layer.rebuild(self.capacity, max(rank, self.max_rank or 0))
+
+    @contextlib.contextmanager
+    def editing(self, layer: AdapterLayer, rebuild: bool = True):
+        """Change ``layer``'s parameters under the lock (sharding them, say).
+
+        ``rebuild``: then rebuild its stacks from them (the parameters are views again);
+        False leaves the parameters on their own (FSDP2 swaps in its own anyway).
+        """
+        with self._lock:
+            yield
+            if rebuild and layer.rank_capacity:
+                layer.rebuild(self.capacity, layer.rank_capacity)
+
+    def adopt(self, layer: AdapterLayer) -> None:
+        """Move a layer built with another manager into this one (layers composed into a model)."""
+        with self._lock:
+            for name in layer.specs:
+                if name not in self._slot_of:
+                    self._slot_of[name] = self._take_slot()
+            layer.manager._layers.discard(layer)
+            layer.manager = self
+            self.register(layer)
+            if layer.rank_capacity:
+                layer.rebuild(self.capacity, max(layer.rank_capacity, self.max_rank or 0))
+
+    def attach_pin_hooks(self, model: nn.Module) -> None:
+        """Pin the selection per forward of ``model`` (once per module)."""
+        if getattr(model, "_lora_ext_pin_hooks", None) is self:
+            return
+        # Bound to the manager, not its selection state: a copy of the model (deepcopy,
+        # pickle) then pins through the copy's manager.
+        model.register_forward_pre_hook(self._pin)
+        model.register_forward_hook(self._unpin, always_call=True)
+        model._lora_ext_pin_hooks = self
+
+    def _pin(self, *_) -> None:
+        self.selection.pin()
+
+    def _unpin(self, *_) -> None:
+        self.selection.unpin()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def check_plan(self, model: nn.Module, name: str, plan: AdapterPlan) -> dict[str, nn.Module]:
+        """Raise, changing nothing, if ``plan`` cannot be attached to ``model`` as ``name``.
+
+        Returns path -> module (a LoRA layer, or a plain module a layer kind wraps).
+        """
+        check_adapter_name(name)
+        if plan.init not in ("default", "gaussian"):
+            raise ValueError(f"init must be 'default' or 'gaussian', got {plan.init!r}")
+        if not plan.layers:
+            raise ValueError(f"adapter {name!r} targets no module")
+        if name in self._slot_of:
+            raise ValueError(
+                f"adapter {name!r} is already loaded; delete_adapter it first, or load "
+                "with replace=True to swap its weights"
+            )
+        modules = {}
+        for path, part in plan.layers.items():
+            part.spec.validate()
+            if self.max_rank is not None and part.spec.r > self.max_rank:
+                raise ValueError(
+                    f"{path}: rank {part.spec.r} exceeds the rank capacity {self.max_rank} set with "
+                    "reserve_adapters; reserve a larger max_rank first"
+                )
+            try:
+                module = model.get_submodule(path) if path else model
+            except AttributeError:
+                raise ValueError(f"the model has no module {path!r}") from None
+            if isinstance(module, AdapterLayer):
+                reason = module.cannot_add_reason()
+                if reason is not None:
+                    raise ValueError(f"{path}: {reason}")
+            elif layer_kind(module) is None:
+                raise TypeError(
+                    f"module {path!r} is a {type(module).__name__}; lora_ext supports {supported_kinds()}"
+                )
+            elif not path:
+                raise ValueError("the model itself is a plain layer; wrap it in a LoRA layer directly")
+            modules[path] = module
+        return modules
+
+    def attach(self, model: nn.Module, name: str, plan: AdapterPlan, requires_grad: bool) -> list[AdapterLayer]:
+        """Add adapter ``name`` to the modules of ``plan`` (wrapping plain ones); all or nothing."""
+        modules = self.check_plan(model, name, plan)
+        self.attach_pin_hooks(model)
+        layers = []
+        with self._lock:
+            for path, module in modules.items():
+                if not isinstance(module, AdapterLayer):
+                    module = layer_kind(module)(module, self)
+                    parent, _, child = path.rpartition(".")
+                    setattr(model.get_submodule(parent) if parent else model, child, module)
+                layers.append(module)
+            parts = [plan.layers[path] for path in modules]
+            weights = [
+                (p.a, p.b) if p.a is not None else layer.initial_weights(p.spec, plan.init)
+                for layer, p in zip(layers, parts)
+            ]
+            slot = self._take_slot()
+            for layer, part, (a, b) in zip(layers, parts, weights):
+                layer.write_slot(slot, name, part.spec, a, b)
+                layer.point(name, slot, requires_grad)
+            self._slot_of[name] = slot
+        return layers
+
+    def install(self, layer: AdapterLayer, name: str, spec: AdapterSpec, a: Tensor, b: Tensor,
+                requires_grad: bool) -> None:
+        """Store ``name`` in one layer, in the slot other layers give it (or a new one)."""
+        with self._lock:
+            slot = self._slot_of.get(name)
+            new = slot is None
+            if new:
+                slot = self._take_slot()
+            layer.write_slot(slot, name, spec, a, b)
+            layer.point(name, slot, requires_grad)
+            if new:
+                self._slot_of[name] = slot
+
+    def replace(self, name: str, layers: dict[str, AdapterLayer], plan: AdapterPlan) -> None:
+        """Swap ``name``'s weights for the plan's in every layer, atomically.
+
+        The new weights go to a fresh slot; then one publication switches the selection
+        to it, so a forward sees the old adapter or the new one, never a mix. The old
+        slot is freed once forwards that started before the switch are done. The
+        parameters stay the same objects (optimizers keep them), re-pointed.
+        """
+        missing, extra = sorted(set(layers) - set(plan.layers)), sorted(set(plan.layers) - set(layers))
+        if missing or extra:
+            raise ValueError(
+                f"replacing {name!r}: the new weights must cover the same layers; "
+                f"missing {missing}, extra {extra}"
+            )
+        for path, layer in layers.items():
+            if layer.merged_adapter == name:
+                raise ValueError(f"adapter {name!r} is merged; unmerge_adapter before replacing it")
+            if plan.layers[path].spec.r != layer.specs[name].r:
+                raise ValueError(
+                    f"replacing {name!r}: {path} has rank {layer.specs[name].r}, the "
+                    f"new weights rank {plan.layers[path].spec.r} (a replacement keeps every shape)"
+                )
+            plan.layers[path].spec.validate()
+        with self._lock:
+            new = self._take_slot()
+            for path, layer in layers.items():
+                part = plan.layers[path]
+                layer.write_slot(new, name, part.spec, part.a, part.b)
+            old = self._slot_of[name]
+            self._slot_of[name] = new
+            for layer in layers.values():
+                layer.point(name, new)
+            self._retire_slot(old, self.selection.reselect())
+
+    def delete(self, name: str, layers: Optional[list[AdapterLayer]] = None) -> None:
+        """Remove ``name`` from ``layers`` (default: all); its slot is freed when no layer keeps it.
+
+        Rows selected for it fall back to the base model.
+        """
+        with self._lock:
+            targets = [layer for layer in (layers or self.layers) if name in layer.specs]
+            for layer in targets:
+                layer.forget(name)
+            if any(name in layer.specs for layer in self._layers):
+                for layer in targets:
+                    layer.clear_slot(self._slot_of[name])
+                return
+            slot = self._slot_of.pop(name)
+            self._retire_slot(slot, self.selection.reselect())
+
+    def reserve(self, capacity: int, max_rank: Optional[int] = None) -> None:
+        """Grow the slot capacity (and fix the rank capacity) of every layer."""
+        with self._lock:
+            if max_rank is not None:
+                self.max_rank = max_rank
+            self._grow(capacity)
+            if max_rank is not None:
+                for layer in self.layers:
+                    layer.fit_storage(max_rank)
+
+    def select(self, names) -> tuple:
+        """Set the model-wide selection, resolved with no load, delete or replace between.
+
+        Returns ``(previous, new, generation)``.
+        """
+        with self._lock:
+            previous = self.selection.model_wide
+            new = self.selection.resolve(names)
+            return previous, new, self.selection.publish(new)
+
+
+def manager_of(model: nn.Module, create: bool = True) -> Optional[AdapterManager]:
+    """The model's adapter manager; layers built separately and composed are moved into one."""
+    layers = [m for _, m in lora_layers(model)]
+    if not layers:
+        return AdapterManager() if create else None
+    manager = layers[0].manager
+    for layer in layers:
+        if layer.manager is not manager:
+            manager.adopt(layer)
+    return manager
