@@ -5,6 +5,8 @@
 //
 //   lora_ext_bench [--workloads W1,W3] [--hidden 4096] [--rank 16] [--tiny]
 //                  [--device cpu|cuda|all] [--json FILE] (see --help)
+//
+// The workloads' shapes come from benchmarks/shapes.txt, which benchmarks/run.py reads too.
 #include "ops.h"
 
 #include <ATen/ATen.h>
@@ -183,11 +185,20 @@ Stats stats_of(const std::vector<double>& v) {
   return s;
 }
 
+#ifndef LORA_EXT_BENCH_SHAPES  // set by benchmarks/cpp/CMakeLists.txt to the source tree's file
+#define LORA_EXT_BENCH_SHAPES "benchmarks/shapes.txt"
+#endif
+
 struct Config {
   std::vector<std::string> workloads = {"W1", "W2", "W3", "W4", "W5", "W6"};
   std::string device = "all";
-  int64_t hidden = 4096, rank = 16, t_decode = 64, t_prefill = 2048, adapters = 64;
-  int warmup = 3, reps = 15;
+  // From benchmarks/shapes.txt: the sizes (preset "default" or "tiny", then the flags)...
+  int64_t hidden = 0, rank = 0, t_decode = 0, t_prefill = 0, adapters = 0;
+  int warmup = 0, reps = 0;
+  // ... and the parts of W2-W4 that do not scale (preset "fixed").
+  int64_t w2_adapters = 0, w3_adapters = 0;
+  double w2_unadapted = 0, w3_zipf = 0;
+  std::vector<int64_t> w4_ranks;
   double max_seconds = 30;  // per workload, measuring only
   int threads = 0;
   uint64_t seed = 0;
@@ -195,6 +206,65 @@ struct Config {
   bool warm_cache = false;
   std::string json;
 };
+
+// benchmarks/shapes.txt: lines "PRESET key=value ...", '#' starting a comment.
+using Shapes = std::map<std::string, std::map<std::string, std::string>>;
+
+Shapes read_shapes(const std::string& path) {
+  std::ifstream f(path);
+  if (!f) throw std::runtime_error("cannot read the workload shapes " + path + " (--shapes FILE)");
+  Shapes shapes;
+  int number = 0;
+  for (std::string line; std::getline(f, line);) {
+    ++number;
+    line = line.substr(0, line.find('#'));
+    std::istringstream words(line);
+    std::string preset, word;
+    if (!(words >> preset)) continue;
+    auto& values = shapes[preset];
+    while (words >> word) {
+      const auto eq = word.find('=');
+      if (eq == std::string::npos || eq == 0 || eq + 1 == word.size())
+        throw std::runtime_error(path + ":" + std::to_string(number) + ": expected key=value, got " + word);
+      values[word.substr(0, eq)] = word.substr(eq + 1);
+    }
+  }
+  return shapes;
+}
+
+// Sets cfg's sizes from preset "default" or "tiny" and its fixed parts from "fixed".
+void apply_shapes(const Shapes& shapes, bool tiny, Config& cfg) {
+  auto get = [&](const std::string& preset, const std::string& key) -> const std::string& {
+    const auto p = shapes.find(preset);
+    if (p == shapes.end()) throw std::runtime_error("the workload shapes have no preset '" + preset + "'");
+    const auto v = p->second.find(key);
+    if (v == p->second.end()) throw std::runtime_error("the workload shapes' preset '" + preset + "' has no " + key);
+    return v->second;
+  };
+  const std::string size = tiny ? "tiny" : "default";
+  cfg.hidden = std::stoll(get(size, "hidden"));
+  cfg.rank = std::stoll(get(size, "rank"));
+  cfg.t_decode = std::stoll(get(size, "tokens_decode"));
+  cfg.t_prefill = std::stoll(get(size, "tokens_prefill"));
+  cfg.adapters = std::stoll(get(size, "adapters"));
+  cfg.warmup = std::stoi(get(size, "warmup"));
+  cfg.reps = std::stoi(get(size, "reps"));
+  cfg.w2_adapters = std::stoll(get("fixed", "w2_adapters"));
+  cfg.w2_unadapted = std::stod(get("fixed", "w2_unadapted"));
+  cfg.w3_adapters = std::stoll(get("fixed", "w3_adapters"));
+  cfg.w3_zipf = std::stod(get("fixed", "w3_zipf"));
+  cfg.w4_ranks.clear();
+  std::stringstream ranks(get("fixed", "w4_ranks"));
+  for (std::string r; std::getline(ranks, r, ',');) cfg.w4_ranks.push_back(std::stoll(r));
+  if (cfg.w4_ranks.empty()) throw std::runtime_error("the workload shapes' w4_ranks is empty");
+}
+
+// A number as Python's "{:g}" writes it (1.5, 2).
+std::string fmt_g(double v) {
+  std::ostringstream s;
+  s << v;
+  return s.str();
+}
 
 struct Variant {
   std::string name;  // lora_ext, peft_loop, gather_bmm, peft_merge, peft_compose, base_linear
@@ -605,23 +675,28 @@ std::vector<Result> run_device(const c10::Device& dev, const Config& cfg, const 
                        dev, dtype, c, false, ops, ceil, cfg));
   }
   if (selected("W2")) {
-    const int64_t n2 = 4;
+    const int64_t n2 = cfg.w2_adapters;
     auto idx = at::randint(0, n2, {Td}, at::kLong);
-    idx.index_put_({at::randperm(Td, at::kLong).narrow(0, 0, Td / 4)}, -1);
+    idx.index_put_({at::randperm(Td, at::kLong).narrow(0, 0, static_cast<int64_t>(Td * cfg.w2_unadapted))}, -1);
     auto c = make_multi_lora(dev, dtype, Td, H, n2, r, uniform(n2, r), idx);
-    log(run_multi_lora("W2", "decode, shared: T=" + std::to_string(Td) + " over 4 adapters, 25% rows -1, r=" +
-                                 std::to_string(r),
+    log(run_multi_lora("W2", "decode, shared: T=" + std::to_string(Td) + " over " + std::to_string(n2) +
+                                 " adapters, " + std::to_string(std::llround(100 * cfg.w2_unadapted)) +
+                                 "% rows -1, r=" + std::to_string(r),
                        dev, dtype, c, false, ops, ceil, cfg));
   }
   if (selected("W3")) {
-    auto c = make_multi_lora(dev, dtype, Tp, H, 8, r, uniform(8, r), zipf_indices(Tp, 8, 1.5));
-    log(run_multi_lora("W3", "prefill, skewed: T=" + std::to_string(Tp) + " over 8 adapters, Zipf(1.5), r=" +
-                                 std::to_string(r),
+    const int64_t n3 = cfg.w3_adapters;
+    auto c = make_multi_lora(dev, dtype, Tp, H, n3, r, uniform(n3, r), zipf_indices(Tp, n3, cfg.w3_zipf));
+    log(run_multi_lora("W3", "prefill, skewed: T=" + std::to_string(Tp) + " over " + std::to_string(n3) +
+                                 " adapters, Zipf(" + fmt_g(cfg.w3_zipf) + "), r=" + std::to_string(r),
                        dev, dtype, c, false, ops, ceil, cfg));
   }
   if (selected("W4")) {
-    const std::vector<int64_t> choices = {8, 16, 32, 64};
-    auto pick = at::randint(0, 4, {N}, at::kLong);
+    const std::vector<int64_t>& choices = cfg.w4_ranks;
+    const int64_t r_max = *std::max_element(choices.begin(), choices.end());
+    std::string listed;
+    for (const auto c : choices) listed += (listed.empty() ? "" : ",") + std::to_string(c);
+    auto pick = at::randint(0, static_cast<int64_t>(choices.size()), {N}, at::kLong);
     std::vector<int64_t> ranks(N);
     for (int64_t i = 0; i < N; ++i) ranks[i] = choices[pick[i].item<int64_t>()];
     auto idx = at::randperm(N, at::kLong).narrow(0, 0, std::min(Td, N));
@@ -630,12 +705,12 @@ std::vector<Result> run_device(const c10::Device& dev, const Config& cfg, const 
     for (int64_t t = 0; t < idx.numel(); ++t) mean += ranks[idx[t].item<int64_t>()];
     mean /= idx.numel();
     const int64_t mean_rank = std::llround(mean);
-    auto c = make_multi_lora(dev, dtype, Td, H, N, 64, ranks, idx);
+    auto c = make_multi_lora(dev, dtype, Td, H, N, r_max, ranks, idx);
     // The reference: W1 at the mean rank (lora_ext_uniform_rank), timed alongside.
     auto cref = make_multi_lora(dev, dtype, Td, H, N, mean_rank, uniform(N, mean_rank), idx);
-    Result w4 = run_multi_lora("W4", "mixed ranks: like W1, ranks from {8,16,32,64} (R=64), mean rank " +
-                                         std::to_string(mean) + "; lora_ext_uniform_rank: W1 at r=" +
-                                         std::to_string(mean_rank),
+    Result w4 = run_multi_lora("W4", "mixed ranks: like W1, ranks from {" + listed + "} (R=" + std::to_string(r_max) +
+                                         "), mean rank " + std::to_string(mean) +
+                                         "; lora_ext_uniform_rank: W1 at r=" + std::to_string(mean_rank),
                                dev, dtype, c, true, ops, ceil, cfg, &cref);
     // Scale the reference to the exact mean rank (work is linear in rank).
     const double ref_ms = w4.find("lora_ext_uniform_rank")->stats.median * mean / mean_rank;
@@ -793,12 +868,14 @@ void usage() {
       "lora_ext_bench: lora_ext ops vs PEFT-style ATen baselines, against measured floors\n"
       "  --workloads W1,W2,...   any of W1 W2 W3 W4 W5 W6 (default: all)\n"
       "  --device cpu|cuda|all   default all (CUDA only when a GPU and the CUDA kernels exist)\n"
-      "  --hidden N              in = out features (default 4096)\n"
-      "  --rank N                LoRA rank (default 16)\n"
-      "  --tokens-decode N       rows of W1/W2/W4 (default 64)\n"
-      "  --tokens-prefill N      rows of W3/W5 (default 2048)\n"
-      "  --adapters N            resident adapters of W1/W4 (default 64)\n"
-      "  --warmup N --reps N     per variant (default 3, 15)\n"
+      "  --hidden N              in = out features\n"
+      "  --rank N                LoRA rank\n"
+      "  --tokens-decode N       rows of W1/W2/W4\n"
+      "  --tokens-prefill N      rows of W3/W5\n"
+      "  --adapters N            resident adapters of W1/W4\n"
+      "  --warmup N --reps N     per variant\n"
+      "                          (defaults of these six: the shapes file's preset \"default\", or \"tiny\")\n"
+      "  --shapes FILE           the workload shapes (default " LORA_EXT_BENCH_SHAPES ")\n"
       "  --max-seconds S         cap on measuring time per workload (default 30)\n"
       "  --threads N             intra-op threads (default: torch's)\n"
       "  --warm-cache            do not evict the CPU caches before each timed call\n"
@@ -812,18 +889,15 @@ void usage() {
 int main(int argc, char** argv) {
   Config cfg;
   std::vector<std::string> args(argv + 1, argv + argc);
-  // --tiny first, so explicit sizes given with it still win.
-  if (std::find(args.begin(), args.end(), "--tiny") != args.end()) {
-    cfg.tiny = true;
-    cfg.hidden = 128;
-    cfg.rank = 8;
-    cfg.t_decode = 16;
-    cfg.t_prefill = 64;
-    cfg.adapters = 16;
-    cfg.warmup = 1;
-    cfg.reps = 3;
-  }
   try {
+    // The shapes (--tiny picks its preset) first, so explicit sizes still win.
+    cfg.tiny = std::find(args.begin(), args.end(), "--tiny") != args.end();
+    std::string shapes = LORA_EXT_BENCH_SHAPES;
+    const auto flag = std::find(args.begin(), args.end(), "--shapes");
+    if (flag != args.end() && flag + 1 != args.end()) shapes = *(flag + 1);
+    if (std::find(args.begin(), args.end(), "--help") == args.end() &&
+        std::find(args.begin(), args.end(), "-h") == args.end())
+      apply_shapes(read_shapes(shapes), cfg.tiny, cfg);
     for (size_t i = 0; i < args.size(); ++i) {
       const std::string& a = args[i];
       auto next = [&]() -> std::string {
@@ -834,6 +908,8 @@ int main(int argc, char** argv) {
         usage();
         return 0;
       } else if (a == "--tiny") {
+      } else if (a == "--shapes") {
+        next();  // read above
       } else if (a == "--warm-cache") {
         cfg.warm_cache = true;
       } else if (a == "--workloads") {
