@@ -280,6 +280,32 @@ def job_tp(rank: int, world: int, out_dir: Path) -> dict:
         for name in ("a", "b"):
             lora_ext.save_adapter(model, str(out_dir / f"tp-{kind}-{name}"), name)
 
+    # Adapters loaded from files (frozen, as for serving) shard and serve the same, and
+    # one unfrozen afterwards trains like the one-process model.
+    trained = build("llama", "mixed")
+    for name in ("a", "b"):
+        lora_ext.save_adapter(trained, str(out_dir / f"tp-src-{name}"), name)  # a collective
+    x, y = data("llama")
+    outputs = {}
+    for sharded in (False, True):
+        served = tiny_llama_base()
+        for name in ("a", "b"):
+            lora_ext.load_adapter(served, str(out_dir / f"tp-src-{name}"), name)
+        if sharded:
+            parallelize_module(served, mesh, tp_plan("llama"))
+        lora_ext.set_adapter(served, MIXED["llama"])
+        before = output_of("llama", served, x)
+        for _, layer in lora_layers(served):
+            layer.lora_A["a"].requires_grad_(True)
+            layer.lora_B["a"].requires_grad_(True)
+        train("llama", served, served, x, y, steps=1, momentum=0.0)
+        outputs[sharded] = (before, output_of("llama", served, x))
+    res["tp-loaded"] = {
+        "before_max_diff": (outputs[True][0] - outputs[False][0]).abs().max().item(),
+        "after_max_diff": (outputs[True][1] - outputs[False][1]).abs().max().item(),
+        "trained_moved": (outputs[False][1] - outputs[False][0]).abs().max().item(),
+    }
+
     # Plain nn.Linear modules go to PyTorch's own styles.
     plain, sharded = mlp_base(3), mlp_base(3)
     parallelize_module(sharded, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
