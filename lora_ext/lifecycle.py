@@ -57,9 +57,28 @@ def supported_kinds() -> str:
     return ", ".join(t.__name__ for t, _ in _LAYER_KINDS)
 
 
+def named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``model.named_modules()`` as a list, without the insides of LoRA layers; several
+    times faster (loads walk the model on every call: a generator per level costs more
+    than the rest of a small load)."""
+    out, seen, stack = [], set(), [("", model)]
+    while stack:
+        path, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        out.append((path, module))
+        if isinstance(module, AdapterLayer):
+            continue
+        prefix = path + "." if path else ""
+        children = [(prefix + name, child) for name, child in module._modules.items() if child is not None]
+        stack.extend(reversed(children))
+    return out
+
+
 def lora_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
     """``(path, layer)`` of every LoRA layer in ``model``, in module order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
+    return [(n, m) for n, m in named_modules(model) if isinstance(m, AdapterLayer)]
 
 
 @dataclass
@@ -202,10 +221,12 @@ class AdapterManager:
         self.selection.unpin()
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def check_plan(self, model: nn.Module, name: str, plan: AdapterPlan) -> dict[str, nn.Module]:
+    def check_plan(self, model: nn.Module, name: str, plan: AdapterPlan, modules: Optional[list] = None
+                   ) -> dict[str, nn.Module]:
         """Raise, changing nothing, if ``plan`` cannot be attached to ``model`` as ``name``.
 
         Returns path -> module (a LoRA layer, or a plain module a layer kind wraps).
+        ``modules``: ``named_modules(model)`` if the caller has it.
         """
         check_adapter_name(name)
         if plan.init not in ("default", "gaussian"):
@@ -217,7 +238,8 @@ class AdapterManager:
                 f"adapter {name!r} is already loaded; delete_adapter it first, or load "
                 "with replace=True to swap its weights"
             )
-        modules = {}
+        by_path = dict(modules if modules is not None else named_modules(model))
+        found = {}
         for path, part in plan.layers.items():
             part.spec.validate()
             if self.max_rank is not None and part.spec.r > self.max_rank:
@@ -225,10 +247,9 @@ class AdapterManager:
                     f"{path}: rank {part.spec.r} exceeds the rank capacity {self.max_rank} set with "
                     "reserve_adapters; reserve a larger max_rank first"
                 )
-            try:
-                module = model.get_submodule(path) if path else model
-            except AttributeError:
-                raise ValueError(f"the model has no module {path!r}") from None
+            module = by_path.get(path)
+            if module is None:
+                raise ValueError(f"the model has no module {path!r}")
             if isinstance(module, AdapterLayer):
                 reason = module.cannot_add_reason()
                 if reason is not None:
@@ -239,22 +260,29 @@ class AdapterManager:
                 )
             elif not path:
                 raise ValueError("the model itself is a plain layer; wrap it in a LoRA layer directly")
-            modules[path] = module
-        return modules
+            found[path] = module
+        return found
 
-    def attach(self, model: nn.Module, name: str, plan: AdapterPlan, requires_grad: bool) -> list[AdapterLayer]:
-        """Add adapter ``name`` to the modules of ``plan`` (wrapping plain ones); all or nothing."""
-        modules = self.check_plan(model, name, plan)
+    def attach(self, model: nn.Module, name: str, plan: AdapterPlan, requires_grad: bool,
+               modules: Optional[list] = None) -> list[AdapterLayer]:
+        """Add adapter ``name`` to the modules of ``plan`` (wrapping plain ones); all or nothing.
+
+        ``modules``: ``named_modules(model)`` if the caller has it (a walk costs per load).
+        """
+        modules = modules if modules is not None else named_modules(model)
+        found = self.check_plan(model, name, plan, modules)
         self.attach_pin_hooks(model)
         layers = []
+        by_path = None
         with self._lock:
-            for path, module in modules.items():
+            for path, module in found.items():
                 if not isinstance(module, AdapterLayer):
+                    by_path = by_path or dict(modules)
                     module = layer_kind(module)(module, self)
                     parent, _, child = path.rpartition(".")
-                    setattr(model.get_submodule(parent) if parent else model, child, module)
+                    setattr(by_path[parent], child, module)
                 layers.append(module)
-            parts = [plan.layers[path] for path in modules]
+            parts = [plan.layers[path] for path in found]
             weights = [
                 (p.a, p.b) if p.a is not None else layer.initial_weights(p.spec, plan.init)
                 for layer, p in zip(layers, parts)
@@ -350,9 +378,14 @@ class AdapterManager:
             return previous, new, self.selection.publish(new)
 
 
-def manager_of(model: nn.Module, create: bool = True) -> Optional[AdapterManager]:
-    """The model's adapter manager; layers built separately and composed are moved into one."""
-    layers = [m for _, m in lora_layers(model)]
+def manager_of(model: nn.Module, create: bool = True, modules: Optional[list] = None
+               ) -> Optional[AdapterManager]:
+    """The model's adapter manager; layers built separately and composed are moved into one.
+
+    ``modules``: ``named_modules(model)`` if the caller has it.
+    """
+    modules = modules if modules is not None else named_modules(model)
+    layers = [m for _, m in modules if isinstance(m, AdapterLayer)]
     if not layers:
         return AdapterManager() if create else None
     manager = layers[0].manager

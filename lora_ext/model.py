@@ -7,12 +7,12 @@ change) and :mod:`lora_ext.selection` (who sees which adapter).
 from __future__ import annotations
 
 import re
-from typing import Iterable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 from torch import nn
 
 from .layers import LoRALinear
-from .lifecycle import AdapterManager, AdapterPlan, LayerPlan, layer_kind, lora_layers, manager_of, supported_kinds
+from .lifecycle import AdapterManager, AdapterPlan, LayerPlan, layer_kind, lora_layers, manager_of, named_modules, supported_kinds
 from .selection import AdapterNames
 from .storage import AdapterLayer, AdapterSpec
 
@@ -40,35 +40,25 @@ def list_adapters(model: nn.Module) -> list[str]:
     return manager.names if manager is not None else []
 
 
-def _candidate_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
-    """Named modules, without the insides of LoRA layers."""
-    inside: Optional[str] = None  # prefix of the last LoRA layer's insides (pre-order walk)
-    for name, module in model.named_modules():
-        if inside is not None and name.startswith(inside):
-            continue
-        if isinstance(module, AdapterLayer):
-            inside = name + "."
-        yield name, module
-
-
 def _matches(name: str, target_modules: TargetModules) -> bool:
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
-def resolve_targets(model: nn.Module, target_modules: TargetModules) -> list[str]:
+def resolve_targets(model: nn.Module, target_modules: TargetModules, modules: Optional[list] = None) -> list[str]:
     """Paths of the modules ``target_modules`` selects; each must be an ``nn.Linear``.
 
     A list matches a module's full name or its last components (``"q_proj"``); a string
     is a regular expression over the full name; ``"all-linear"`` is every ``nn.Linear``
-    except the output layer.
+    except the output layer. ``modules``: ``named_modules(model)`` if the caller has it.
     """
+    modules = modules if modules is not None else named_modules(model)
     if target_modules == "all-linear":
         output = getattr(model, "get_output_embeddings", lambda: None)()
         return [
             n
-            for n, m in _candidate_modules(model)
+            for n, m in modules
             if (isinstance(m, AdapterLayer) or layer_kind(m) is not None) and m is not output and n
         ]
     if not isinstance(target_modules, str):
@@ -76,7 +66,7 @@ def resolve_targets(model: nn.Module, target_modules: TargetModules) -> list[str
         if not target_modules or not all(isinstance(t, str) for t in target_modules):
             raise ValueError(f"target_modules must be a regex or a non-empty list of names, got {target_modules!r}")
     paths = []
-    for name, module in _candidate_modules(model):
+    for name, module in modules:
         if not name or not _matches(name, target_modules):
             continue
         if not isinstance(module, AdapterLayer) and layer_kind(module) is None:
@@ -199,12 +189,13 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 
     Rows selected for it fall back to the base model.
     """
-    layers = [m for _, m in lora_layers(model) if adapter_name in m.specs]
+    modules = named_modules(model)
+    layers = [m for _, m in modules if isinstance(m, AdapterLayer) and adapter_name in m.specs]
     if not layers:
         raise ValueError(f"no adapter {adapter_name!r}; loaded adapters: {list_adapters(model)}")
     if any(m.merged_adapter == adapter_name for m in layers):
         raise ValueError(f"adapter {adapter_name!r} is merged; unmerge_adapter first")
-    manager_of(model).delete(adapter_name)
+    manager_of(model, modules=modules).delete(adapter_name)
 
 
 def reserve_adapters(model: nn.Module, max_adapters: int, max_rank: Optional[int] = None) -> None:

@@ -101,6 +101,11 @@ class _Stack:
         return True
 
 
+def _host_views(*tensors: Tensor):
+    """numpy views of CPU tensors (None elsewhere)."""
+    return tuple(t.numpy() for t in tensors) if tensors[0].device.type == "cpu" else None
+
+
 class AdapterLayer(nn.Module):
     """Base of the LoRA layer kinds: named adapters stored in the model's slots.
 
@@ -125,7 +130,7 @@ class AdapterLayer(nn.Module):
         for key in _STACK_KEYS:
             self.register_buffer(key, None, persistent=False)
         self._stacks: Optional[tuple[_Stack, _Stack]] = None
-        self._host_meta = None  # CPU: numpy view of _scales, for cheap per-slot writes
+        self._host_meta = None  # CPU: numpy views of scales, ranks, dropout (cheap per-slot writes)
         self._slot_name: list[Optional[str]] = []  # per slot: adapter name or None (empty)
         self._slot_spec: list[Optional[AdapterSpec]] = []
         self._num_dropout = 0  # adapters with dropout > 0
@@ -303,7 +308,7 @@ class AdapterLayer(nn.Module):
         )
         self._slot_name += [None] * (capacity - old)
         self._slot_spec += [None] * (capacity - old)
-        self._host_meta = self._scales.numpy() if self._scales.device.type == "cpu" else None
+        self._host_meta = _host_views(self._scales, self._ranks, self._dropout)
         return True
 
     def rebuild(self, capacity: int, rank: int) -> None:
@@ -335,26 +340,27 @@ class AdapterLayer(nn.Module):
         self._stacks = stacks
         self._a_stack, self._b_stack = a_stack, b_stack
         self._scales, self._ranks, self._dropout = scales, ranks, dropout
-        self._host_meta = scales.numpy() if device.type == "cpu" else None
+        self._host_meta = _host_views(scales, ranks, dropout)
         for name in self.specs:
             self.point(name, slot_of[name])
 
     def write_slot(self, slot: int, name: str, spec: AdapterSpec, a: Tensor, b: Tensor) -> None:
         """Store an adapter's weights in ``slot`` (an empty slot: no forward reads it)."""
-        self.fit_storage(spec.r)
         r = spec.r
+        buffers = self._buffers  # read directly: nn.Module.__getattr__ costs per access
+        if buffers["_a_stack"] is None or r > buffers["_a_stack"].shape[1] or slot >= buffers["_a_stack"].shape[0]:
+            self.fit_storage(r)
         with torch.no_grad():  # from pinned memory asynchronously (the pool's side stream)
-            self._a_stack[slot, :r].copy_(a, non_blocking=a.is_pinned())
-            self._b_stack[slot, :, :r].copy_(b, non_blocking=b.is_pinned())
+            buffers["_a_stack"][slot, :r].copy_(a, non_blocking=a.is_pinned())
+            buffers["_b_stack"][slot, :, :r].copy_(b, non_blocking=b.is_pinned())
         self._set_meta(slot, spec.scale, r, spec.dropout)
         self._slot_name[slot] = name
         self._slot_spec[slot] = spec
 
     def _set_meta(self, slot: int, scale: float, rank: int, dropout: float) -> None:
         if self._host_meta is not None:  # CPU: through numpy views, far cheaper per element
-            self._host_meta[slot] = scale
-            self._ranks.numpy()[slot] = rank
-            self._dropout.numpy()[slot] = dropout
+            scales, ranks, dropouts = self._host_meta
+            scales[slot], ranks[slot], dropouts[slot] = scale, rank, dropout
             return
         with torch.no_grad():
             self._scales[slot], self._ranks[slot], self._dropout[slot] = scale, rank, dropout
