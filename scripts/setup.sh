@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
+source scripts/versions.sh
 quiet=()
 [ "${LORA_EXT_SETUP_QUIET:-0}" = 1 ] && quiet=(-q)
 pip_install() { "$PY" -m pip install "${quiet[@]}" --disable-pip-version-check "$@"; }
@@ -20,14 +21,14 @@ fi
 # torch: keep an installed one; otherwise the CPU build pinned for this project
 # (an unpinned `torch` would pull a multi-GB CUDA build).
 if ! "$PY" -c "import torch" 2>/dev/null; then
-  echo "[setup] installing torch==2.13.0 (CPU build) into $VENV_BIN/.."
-  pip_install torch==2.13.0
+  echo "[setup] installing torch==$LORA_EXT_TORCH_VERSION (CPU build) into $VENV_BIN/.."
+  pip_install "torch==$LORA_EXT_TORCH_VERSION"
 fi
 echo "[setup] build and model dependencies"
-build_tools=("scikit-build-core>=0.10" ninja)
-# CMake 3.25+: the system's when it has one, else pip's.
-if ! cmake --version 2>/dev/null | "$PY" -c "import sys, re; v = re.search(r'(\d+)\.(\d+)', sys.stdin.read()); sys.exit(0 if v and (int(v[1]), int(v[2])) >= (3, 25) else 1)"; then
-  build_tools+=("cmake>=3.25")
+build_tools=("scikit-build-core>=$LORA_EXT_SCIKIT_BUILD_CORE_MIN" ninja)
+# CMake $LORA_EXT_CMAKE_MIN+: the system's when it has one, else pip's.
+if ! cmake --version 2>/dev/null | "$PY" -c "import sys, re; v = re.search(r'(\d+)\.(\d+)', sys.stdin.read()); sys.exit(0 if v and (int(v[1]), int(v[2])) >= tuple(map(int, sys.argv[1].split('.'))) else 1)" "$LORA_EXT_CMAKE_MIN"; then
+  build_tools+=("cmake>=$LORA_EXT_CMAKE_MIN")
 fi
 pip_install "${build_tools[@]}" pybind11 numpy pytest \
   hypothesis transformers peft safetensors gguf tqdm matplotlib

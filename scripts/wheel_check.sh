@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Installs the lora_ext wheel into fresh virtual environments and checks it there, with
 # no build step and no source tree on the path:
-#   1. torch 2.13.0 (the release it was built for) + pytest: the op tests
+#   1. the torch release it was built for + pytest: the op tests
 #      (tests/test_ops.py, tests/test_errors.py) pass against the installed wheel;
-#   2. torch 2.14.1: `import lora_ext` refuses with an ImportError that names both
-#      releases and what to rebuild.
+#   2. the next torch release (LORA_EXT_TORCH_NEXT_VERSION, scripts/versions.sh):
+#      `import lora_ext` refuses with an ImportError that names both releases and what
+#      to rebuild.
 #   scripts/wheel_check.sh [WHEEL]     (default: build one with scripts/build_wheel.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 source scripts/env.sh
+source scripts/versions.sh
 wheel=${1:-}
 if [ -z "$wheel" ]; then
   bash scripts/build_wheel.sh
@@ -49,7 +51,7 @@ print('[wheel-check] imports from', lora_ext.__file__)"
 )
 
 # 2. Another torch release: a clear refusal at import.
-other_torch=2.14.1
+other_torch=$LORA_EXT_TORCH_NEXT_VERSION
 venv=$root/build/wheel-venv-other
 fresh_venv "$venv" "torch==$other_torch"
 "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps "$wheel"
