@@ -152,6 +152,9 @@ class AdapterManager:
     def register(self, layer: AdapterLayer) -> None:
         self._layers.add(layer)
 
+    def unregister(self, layer: AdapterLayer) -> None:
+        self._layers.discard(layer)
+
     # -- slots -----------------------------------------------------------------------------
     def _take_slot(self) -> int:
         """A free slot, growing every layer's stacks when none is left."""
@@ -198,7 +201,7 @@ class AdapterManager:
             for name in layer.specs:
                 if name not in self._slot_of:
                     self._slot_of[name] = self._take_slot()
-            layer.manager._layers.discard(layer)
+            layer.manager.unregister(layer)
             layer.manager = self
             self.register(layer)
             if layer.rank_capacity:

@@ -58,7 +58,7 @@ def dtype(request):
 # --- tiny random Llama models for the layer/model/io tests (no download) ---------
 
 
-def _tiny_llama(dtype: torch.dtype = torch.float32, seed: int = 0):
+def tiny_llama_model(dtype: torch.dtype = torch.float32, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -81,7 +81,7 @@ def _tiny_llama(dtype: torch.dtype = torch.float32, seed: int = 0):
 def tiny_llama():
     """Factory: ``tiny_llama(dtype=torch.float32, seed=0)`` -> a fresh random LlamaForCausalLM."""
     pytest.importorskip("transformers")
-    return _tiny_llama
+    return tiny_llama_model
 
 
 def make_tiny_model_dir(folder: Path) -> Path:

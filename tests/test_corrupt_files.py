@@ -20,9 +20,9 @@ VARIANTS = {"truncated": 40, "header byte": 60, "data byte": 30, "config byte": 
 
 @pytest.fixture(scope="module")
 def good_files(tmp_path_factory):
-    from conftest import _tiny_llama
+    from conftest import tiny_llama_model
 
-    model = _tiny_llama()
+    model = tiny_llama_model()
     lora_ext.inject_lora(model, ["q_proj", "v_proj"], r=4, alpha=8, adapter_name="good", init="gaussian")
     folder = tmp_path_factory.mktemp("good")
     lora_ext.save_adapter(model, folder, "good")

@@ -15,11 +15,11 @@ peft = pytest.importorskip("peft")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _config(r=4, alpha=8, targets=("q_proj", "v_proj"), **extra):
+def peft_config(r=4, alpha=8, targets=("q_proj", "v_proj"), **extra):
     return {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": list(targets), **extra}
 
 
-def _state_dict(model, config, seed, std=0.3):
+def adapter_state_dict(model, config, seed, std=0.3):
     """Random weights in PEFT's key layout for the modules ``config`` targets."""
     g = torch.Generator().manual_seed(seed)
     out = {}
@@ -78,27 +78,27 @@ def test_load_from_state_dict_equals_peft(tiny_llama, tmp_path):
 
 def test_replace_in_place_keeps_parameters_and_order(tiny_llama):
     model = tiny_llama()
-    cfg = _config()
+    cfg = peft_config()
     for i, name in enumerate(["x", "y", "z"]):
-        lora_ext.load_adapter(model, _state_dict(model, cfg, seed=i), name, config=cfg)
+        lora_ext.load_adapter(model, adapter_state_dict(model, cfg, seed=i), name, config=cfg)
     ids = torch.randint(3, 128, (3, 6))
     names = ["x", "y", "z"]
     before = _logits(model, ids, names)
     q = model.model.layers[0].self_attn.q_proj
     params = (q.lora_A["y"], q.lora_B["y"])
-    new_state = _state_dict(model, cfg, seed=10)
+    new_state = adapter_state_dict(model, cfg, seed=10)
     lora_ext.load_adapter(model, new_state, "y", config=cfg, replace=True)
     capacity = q.stacks()[0].shape[0]  # 4: a replacement needs one free slot while it runs
     assert capacity == 4
     for step in range(3 * capacity):  # churn: old slots are freed and reused
-        lora_ext.load_adapter(model, _state_dict(model, cfg, seed=20 + step), "y", config=cfg, replace=True)
-    lora_ext.load_adapter(model, new_state, "y", config=_config(alpha=2), replace=True)
+        lora_ext.load_adapter(model, adapter_state_dict(model, cfg, seed=20 + step), "y", config=cfg, replace=True)
+    lora_ext.load_adapter(model, new_state, "y", config=peft_config(alpha=2), replace=True)
     assert lora_ext.list_adapters(model) == ["x", "y", "z"]
     assert q.lora_A["y"] is params[0] and q.lora_B["y"] is params[1]  # optimizers keep them
     assert q.stacks()[0].shape[0] == capacity
     assert q.specs["y"].alpha == 2
     fresh = tiny_llama()
-    lora_ext.load_adapter(fresh, new_state, "y", config=_config(alpha=2))
+    lora_ext.load_adapter(fresh, new_state, "y", config=peft_config(alpha=2))
     after = _logits(model, ids, names)
     torch.testing.assert_close(after[1], _logits(fresh, ids[1:2])[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(after[[0, 2]], before[[0, 2]])  # the others untouched
@@ -107,8 +107,8 @@ def test_replace_in_place_keeps_parameters_and_order(tiny_llama):
 
 def test_bad_input_changes_nothing(tiny_llama):
     model = tiny_llama()
-    cfg = _config()
-    good = _state_dict(model, cfg, seed=1)
+    cfg = peft_config()
+    good = adapter_state_dict(model, cfg, seed=1)
     lora_ext.load_adapter(model, good, "x", config=cfg)
     lora_ext.reserve_adapters(model, 8, max_rank=6)
     snapshot = _snapshot(model)
@@ -117,14 +117,14 @@ def test_bad_input_changes_nothing(tiny_llama):
     missing = {k: v for k, v in good.items() if not k.startswith(q0)}
     extra = {**good, f"{k0}.lora_A.weight": torch.randn(4, 32), f"{k0}.lora_B.weight": torch.randn(16, 4)}
     shape = {**good, f"{q0}.lora_B.weight": torch.randn(31, 4)}
-    cfg8 = _config(r=8)
+    cfg8 = peft_config(r=8)
     cases = [
         ("missing keys", missing, cfg, False, "missing"),
         ("extra keys", extra, cfg, False, "extra"),
         ("wrong shape", shape, cfg, False, "expects lora_A"),
-        ("rank over capacity", _state_dict(model, cfg8, seed=2), cfg8, False, "rank capacity"),
+        ("rank over capacity", adapter_state_dict(model, cfg8, seed=2), cfg8, False, "rank capacity"),
         ("not a tensor", {**good, f"{q0}.lora_A.weight": [1.0]}, cfg, False, "expected a tensor"),
-        ("replace: other rank", _state_dict(model, _config(r=2), seed=3), _config(r=2), True, "rank"),
+        ("replace: other rank", adapter_state_dict(model, peft_config(r=2), seed=3), peft_config(r=2), True, "rank"),
         ("replace: missing keys", missing, cfg, True, "missing"),
         ("replace: unknown name", good, cfg, "w", "no adapter 'w'"),
         ("exists", good, cfg, None, "already loaded"),
@@ -148,10 +148,10 @@ def test_replace_while_another_thread_runs_forwards(tiny_llama, selection):
     """Every concurrent forward sees the old or the new adapter, never a mix of layers,
     whether it selected the adapter model-wide or in its own ``with`` block."""
     model = tiny_llama()
-    cfg = _config(targets=TARGETS)
-    versions = [_state_dict(model, cfg, seed=s, std=0.5) for s in (1, 2)]
+    cfg = peft_config(targets=TARGETS)
+    versions = [adapter_state_dict(model, cfg, seed=s, std=0.5) for s in (1, 2)]
     lora_ext.load_adapter(model, versions[0], "hot", config=cfg)
-    lora_ext.load_adapter(model, _state_dict(model, cfg, seed=3), "cold", config=cfg)
+    lora_ext.load_adapter(model, adapter_state_dict(model, cfg, seed=3), "cold", config=cfg)
     ids = torch.randint(3, 128, (2, 16))
     names = ["hot", "cold"]
     expected = []
@@ -195,12 +195,12 @@ def test_replace_while_another_thread_runs_forwards(tiny_llama, selection):
 
 def test_one_copy_and_memory_accounting(tiny_llama):
     model = tiny_llama()
-    cfg = _config(targets=TARGETS)
-    lora_ext.load_adapter(model, _state_dict(model, cfg, seed=0), "a0", config=cfg)
+    cfg = peft_config(targets=TARGETS)
+    lora_ext.load_adapter(model, adapter_state_dict(model, cfg, seed=0), "a0", config=cfg)
     count = 40
     lora_ext.reserve_adapters(model, count)
     for i in range(1, count):
-        lora_ext.load_adapter(model, _state_dict(model, cfg, seed=i), f"a{i}", config=cfg)
+        lora_ext.load_adapter(model, adapter_state_dict(model, cfg, seed=i), f"a{i}", config=cfg)
     layers = [m for _, m in lora_layers(model)]
     adapter_bytes = sum(p.numel() * p.element_size() for m in layers for p in m.parameters() if p is not m.base_layer.weight and p is not m.base_layer.bias)
     stack_bytes = sum(t.numel() * t.element_size() for m in layers for t in m.stacks()[:2])
@@ -216,7 +216,7 @@ def test_one_copy_and_memory_accounting(tiny_llama):
     for i in range(0, count, 2):
         lora_ext.delete_adapter(model, f"a{i}")
     for i in range(0, count, 2):
-        lora_ext.load_adapter(model, _state_dict(model, cfg, seed=100 + i), f"b{i}", config=cfg)
+        lora_ext.load_adapter(model, adapter_state_dict(model, cfg, seed=100 + i), f"b{i}", config=cfg)
     assert sum(t.numel() * t.element_size() for m in layers for t in m.stacks()[:2]) == stack_bytes
 
 
@@ -225,9 +225,9 @@ def test_compiled_model_does_not_recompile(tiny_llama):
 
     torch._dynamo.reset()
     model = tiny_llama()
-    cfg = _config()
+    cfg = peft_config()
     for i in range(3):
-        lora_ext.load_adapter(model, _state_dict(model, cfg, seed=i), f"a{i}", config=cfg)
+        lora_ext.load_adapter(model, adapter_state_dict(model, cfg, seed=i), f"a{i}", config=cfg)
     lora_ext.reserve_adapters(model, 8, max_rank=8)
     counter = CompileCounter()
     compiled = torch.compile(model, backend=counter)
@@ -239,8 +239,8 @@ def test_compiled_model_does_not_recompile(tiny_llama):
         for names in selections:  # a new selection: no recompile
             lora_ext.set_adapter(model, names)
             torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
-        lora_ext.load_adapter(model, _state_dict(model, cfg, seed=7), "a1", config=cfg, replace=True)
-        lora_ext.load_adapter(model, _state_dict(model, _config(r=8), seed=8), "new", config=_config(r=8))
+        lora_ext.load_adapter(model, adapter_state_dict(model, cfg, seed=7), "a1", config=cfg, replace=True)
+        lora_ext.load_adapter(model, adapter_state_dict(model, peft_config(r=8), seed=8), "new", config=peft_config(r=8))
         lora_ext.set_adapter(model, ["new", "a1", "a0", None])
         torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
     assert counter.frame_count == 1, counter.frame_count
@@ -254,14 +254,14 @@ def test_forward_cost_with_hundreds_loaded(tiny_llama):
     """
     torch.manual_seed(0)
     model = tiny_llama()
-    cfg = _config(targets=TARGETS)
+    cfg = peft_config(targets=TARGETS)
     for i in range(3):
-        lora_ext.load_adapter(model, _state_dict(model, cfg, seed=i), f"u{i}", config=cfg)
+        lora_ext.load_adapter(model, adapter_state_dict(model, cfg, seed=i), f"u{i}", config=cfg)
     ids = torch.randint(3, 128, (8, 4))
     names = ["u0", "u1", None, "u2", "u0", "u1", "u2", "u0"]
     few = copy.deepcopy(model)  # 3 loaded
     for i in range(300):
-        lora_ext.load_adapter(model, _state_dict(model, cfg, seed=100 + i), f"x{i}", config=cfg)
+        lora_ext.load_adapter(model, adapter_state_dict(model, cfg, seed=100 + i), f"x{i}", config=cfg)
     torch.testing.assert_close(_logits(model, ids, names), _logits(few, ids, names))
     times = {"few": [], "many": []}
     with torch.no_grad():

@@ -6,7 +6,7 @@ import torch
 import lora_ext
 from lora_ext import lora_layers
 
-from test_many_adapters import _config, _state_dict
+from test_many_adapters import adapter_state_dict, peft_config
 
 pytest.importorskip("peft")
 
@@ -16,9 +16,9 @@ NAMES = [f"p{i}" for i in range(6)]
 @pytest.fixture
 def setup(tiny_llama, tmp_path):
     """A pool of 6 adapters (one of them on disk) and a model with all 6 loaded."""
-    cfg = _config(targets=["q_proj", "v_proj", "down_proj"])
+    cfg = peft_config(targets=["q_proj", "v_proj", "down_proj"])
     reference = tiny_llama()
-    states = {n: _state_dict(reference, cfg, seed=i) for i, n in enumerate(NAMES)}
+    states = {n: adapter_state_dict(reference, cfg, seed=i) for i, n in enumerate(NAMES)}
     for n in NAMES:
         lora_ext.load_adapter(reference, states[n], n, config=cfg)
     lora_ext.save_adapter(reference, tmp_path / "p5", "p5")
@@ -90,8 +90,8 @@ def test_too_many_distinct_adapters_is_an_error(setup):
 
 def test_bad_adapters_are_refused_at_registration(setup, tmp_path):
     pool, model, _ = setup
-    cfg = _config(targets=["q_proj", "v_proj", "down_proj"])
-    good = _state_dict(model, cfg, seed=0)
+    cfg = peft_config(targets=["q_proj", "v_proj", "down_proj"])
+    good = adapter_state_dict(model, cfg, seed=0)
     broken = {k: v for k, v in good.items() if "layers.1.mlp" not in k}
     with pytest.raises(ValueError, match="missing"):
         pool.add("broken", broken, config=cfg)
