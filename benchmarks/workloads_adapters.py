@@ -97,7 +97,7 @@ def w9_many_adapters(args) -> dict:
     many_params, many_stacks = _lora_bytes(many)
 
     def generate(model):
-        with lora_ext.set_adapter(model, names):
+        with lora_ext.use_adapter(model, names):
             return llm.generate(model, tok, prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
 
     def rounds(fns: dict, count: int) -> tuple[list[dict], dict]:
@@ -126,7 +126,7 @@ def w9_many_adapters(args) -> dict:
     ids = torch.randint(0, lm.config.vocab_size, (len(names), 4), generator=torch.Generator().manual_seed(0))
 
     def forward(model):
-        with torch.no_grad(), lora_ext.set_adapter(model, names):
+        with torch.no_grad(), lora_ext.use_adapter(model, names):
             return model(ids).logits
 
     steps, paired_forward = rounds({"few": lambda: forward(few), "mid": lambda: forward(mid),

@@ -79,7 +79,7 @@ def w7_generation(args) -> dict:
     fixed = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens)  # same steps for all
 
     def ours():
-        with lora_ext.set_adapter(lx, names):
+        with lora_ext.use_adapter(lx, names):
             return llm.generate(lx, tok, prompts, **fixed)
 
     variants = measure(torch.device("cpu"), {

@@ -33,7 +33,7 @@ real_add = layers.ops.multi_lora_add_
 
 
 def ours():
-    with lora_ext.set_adapter(lx, names):
+    with lora_ext.use_adapter(lx, names):
         return llm.generate(lx, tok, prompts, **fixed)
 
 
