@@ -229,6 +229,12 @@ def test_the_installed_command_prints_no_traceback(tmp_path):
     assert proc.stderr.splitlines() == [f"lora-ext eval: error: adapter folder not found: {tmp_path / 'none'}"]
 
 
+def test_the_core_never_imports_the_applications():
+    code = "import sys, lora_ext; print(sorted(m for m in sys.modules if m.startswith('lora_ext.apps')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.strip() == "[]"
+
+
 def test_old_module_path_still_runs_the_command_with_a_warning(tmp_path):
     """The deprecated shim lora_ext/cli.py, run with -m: the same command, plus a FutureWarning."""
     proc = subprocess.run([sys.executable, "-m", "lora_ext." + "cli", "eval", "--task", "upper", "--adapter",
