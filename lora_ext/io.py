@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import math
 import os
@@ -35,6 +36,11 @@ _UNSUPPORTED = {
     "target_parameters": "LoRA on parameters (target_parameters)",
     "use_qalora": "QA-LoRA",
 }
+
+
+# Layers (and adapters) with the same hyper-parameters share one frozen spec: a thousand
+# loaded adapters are then 120k fewer objects for Python's garbage collector to walk.
+_shared_spec = functools.lru_cache(maxsize=1024)(AdapterSpec)
 
 
 def _pattern_value(pattern: dict, path: str, default):
@@ -406,7 +412,7 @@ def _plan(model: nn.Module, config: dict, tensors: Mapping, where: str, modules:
         if not (a.is_floating_point() and b.is_floating_point()):
             raise ValueError(f"{where}: {module_path} weights must be floating point, got {a.dtype}")
         alpha = _pattern_value(alpha_pattern, module_path, alpha_default)
-        plan.layers[module_path] = LayerPlan(AdapterSpec(int(r), float(alpha), dropout, rslora), a, b)
+        plan.layers[module_path] = LayerPlan(_shared_spec(int(r), float(alpha), dropout, rslora), a, b)
     _check_finite(plan, where)
     _check_targets(model, config, set(plan.layers), where, modules)
     return plan

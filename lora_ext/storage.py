@@ -70,34 +70,42 @@ class AdapterSpec:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
 
-def _reserved_zeros(slots: int, per_slot: tuple[int, ...], dtype: torch.dtype) -> Optional[Tensor]:
-    """CPU zeros ``[slots, *per_slot]`` in reserved, lazily committed address space (None: refused)."""
-    nbytes = slots * math.prod(per_slot) * dtype.itemsize
+def _reserve(nbytes: int) -> Optional[mmap.mmap]:
+    """``nbytes`` of zeroed, lazily committed address space (None: refused)."""
     if not _MAP_NORESERVE or nbytes == 0:
         return None
     try:
-        buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
+        return mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
     except (OSError, ValueError, OverflowError):  # e.g. strict overcommit or a ulimit -v
         return None
-    return torch.frombuffer(buffer, dtype=dtype).view(slots, *per_slot)
 
 
 class _Stack:
-    """One slot stack: ``view`` (the first ``capacity`` slots) of a possibly larger ``full`` tensor."""
+    """One slot stack ``[capacity, *per_slot]``.
+
+    On the CPU it lies at the start of reserved address space, and growing makes a new
+    tensor over a longer prefix of the same memory: nothing is copied. Each tensor's
+    storage covers its own capacity only (not the reservation), so ``torch.save`` of a
+    parameter view writes at most the slots that existed when it was made.
+    """
 
     def __init__(self, capacity: int, per_slot: tuple[int, ...], dtype: torch.dtype, device: torch.device):
-        full = None
+        self.per_slot, self.dtype = per_slot, dtype
+        self.buffer = None
         if device.type == "cpu":
             slot_bytes = max(math.prod(per_slot) * dtype.itemsize, 1)
-            full = _reserved_zeros(max(capacity, _RESERVE_BYTES // slot_bytes), per_slot, dtype)
-        self.full = full if full is not None else torch.zeros(capacity, *per_slot, dtype=dtype, device=device)
-        self.view = self.full[:capacity]
+            self.buffer = _reserve(max(capacity, _RESERVE_BYTES // slot_bytes) * slot_bytes)
+        if self.buffer is None:
+            self.view = torch.zeros(capacity, *per_slot, dtype=dtype, device=device)
+        else:
+            self.grow(capacity)
 
     def grow(self, capacity: int) -> bool:
-        """Extend the view in place of a copy; False when the reservation is too small."""
-        if capacity > self.full.shape[0]:
+        """Extend to ``capacity`` slots without a copy; False when that is not possible."""
+        count = capacity * math.prod(self.per_slot)
+        if self.buffer is None or count * self.dtype.itemsize > len(self.buffer):
             return False
-        self.view = self.full[:capacity]
+        self.view = torch.frombuffer(self.buffer, dtype=self.dtype, count=count).view(capacity, *self.per_slot)
         return True
 
 
