@@ -151,6 +151,31 @@ def test_with_block_is_local_to_its_asyncio_task(form):
         torch.testing.assert_close(model(x), expected[None], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("form", FORMS)
+def test_compiled_model_in_asyncio_tasks(form):
+    """Compiled forwards read the thread's choice of the last block entered or left: tasks
+    that do not await inside their blocks each get their own selection."""
+    model = _model()
+    x = torch.randn(2, 16)
+    expected = _expected(model, x)
+    lora_ext.set_adapter(model, None)
+    run = torch.compile(model, backend="aot_eager")
+
+    async def serve(name):
+        for _ in range(3):
+            with _entered(form, model, name):
+                torch.testing.assert_close(run(x), expected[name], rtol=0, atol=0)
+            await asyncio.sleep(0)  # other tasks run their blocks in between
+
+    async def main():
+        await asyncio.gather(*(serve(n) for n in ADAPTERS))
+
+    with torch.no_grad():
+        run(x)
+        asyncio.run(main())
+        torch.testing.assert_close(run(x), expected[None], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_local_selection_of_a_deleted_adapter_falls_back_to_the_base(compiled):
     """The deleted adapter's slot is reused by a new one: the block must not pick it up."""

@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+from torch import nn
 
 import lora_ext
 from lora_ext import lora_layers
@@ -297,3 +298,30 @@ def test_compiled_training_reaches_the_adapter_parameters(tiny_llama):
     for eager, comp in zip(*grads):
         assert torch.count_nonzero(eager) > 0
         torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_stacks_grow_without_moving_adapters():
+    """Without reserve_adapters the slot capacity grows as adapters load; on the CPU the
+    stacks grow in reserved address space, so loaded adapters stay where they are."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 16))
+    lora_ext.inject_lora(model, ["0", "2"], r=4, adapter_name="first", init="gaussian")
+    layer = model[0]
+    where = layer.lora_A["first"].data_ptr(), layer.lora_B["first"].data_ptr()
+    before = layer.lora_A["first"].detach().clone()
+    capacities = {layer.a_stack.shape[0]}
+    for i in range(40):
+        lora_ext.inject_lora(model, ["0", "2"], r=4, adapter_name=f"a{i}", init="gaussian")
+        capacities.add(layer.a_stack.shape[0])
+    assert len(capacities) > 5  # it grew several times
+    assert (layer.lora_A["first"].data_ptr(), layer.lora_B["first"].data_ptr()) == where
+    assert torch.equal(layer.lora_A["first"], before)
+    assert layer.shares_storage()
+    x = torch.randn(3, 32)
+    lora_ext.set_adapter(model, ["first", "a39", None])
+    with torch.no_grad():
+        mixed = model(x)
+    for row, name in enumerate(["first", "a39", None]):
+        lora_ext.set_adapter(model, name)
+        with torch.no_grad():
+            torch.testing.assert_close(mixed[row], model(x[row : row + 1])[0], rtol=1e-5, atol=1e-5)
