@@ -188,6 +188,27 @@ class AdapterLayer(nn.Module):
         a, b = (p.detach() for p in (self.lora_A[name], self.lora_B[name]))
         return tuple(t.full_tensor() if hasattr(t, "full_tensor") else t for t in (a, b))
 
+    # -- merging (a kind that can merge into its base overrides these) ------------------------
+    @property
+    def merged_adapter(self) -> Optional[str]:
+        """The adapter merged into the base weights (None: none)."""
+        return None
+
+    def merge_is_finite(self, name: str) -> bool:
+        return True
+
+    def merge(self, name: str, exact: bool = True) -> None:
+        raise ValueError(f"adapters of a {type(self).__name__} cannot be merged into its base layer")
+
+    def check_unmerge(self) -> None:
+        """Raise, changing nothing, if the merge cannot be undone exactly."""
+
+    def unmerge(self) -> None:
+        """Restore the base weights (a no-op when nothing is merged)."""
+
+    def forget_merge(self) -> None:
+        """Keep the merged weights as the new base."""
+
     # -- read side -----------------------------------------------------------------------
     @property
     def adapter_names(self) -> list[str]:
