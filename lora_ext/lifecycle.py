@@ -242,9 +242,10 @@ class AdapterManager:
                 "with replace=True to swap its weights"
             )
         by_path = dict(modules if modules is not None else named_modules(model))
+        for spec in {part.spec for part in plan.layers.values()}:  # layers share specs
+            spec.validate()
         found = {}
         for path, part in plan.layers.items():
-            part.spec.validate()
             if self.max_rank is not None and part.spec.r > self.max_rank:
                 raise ValueError(
                     f"{path}: rank {part.spec.r} exceeds the rank capacity {self.max_rank} set with "

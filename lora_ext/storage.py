@@ -15,8 +15,9 @@ replace=True)``, ``load_state_dict``), not by assigning ``param.data``.
 from the parameters.
 
 On the CPU the stacks sit in reserved address space (an anonymous mapping whose
-pages the OS commits only when written), so the slot capacity grows without copying
-any adapter and without holding memory for empty slots.
+pages the OS commits only when written, 256 MiB per stack or 4x its capacity), so the
+slot capacity grows without copying any adapter and without holding memory for empty
+slots; past the reservation it is re-allocated (copied) once into a 4x larger one.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
-# Address space reserved per stack on the CPU (pages are committed only when written).
-_RESERVE_BYTES = 1 << 30
+# Address space reserved per stack on the CPU (pages are committed only when written):
+# 256 MiB, or 4x the capacity asked for, whichever is more.
+_RESERVE_BYTES = 1 << 28
 _STACK_KEYS = ("_a_stack", "_b_stack", "_scales", "_ranks", "_dropout")
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") else 0)
 
@@ -94,7 +96,7 @@ class _Stack:
         self.buffer = None
         if device.type == "cpu":
             slot_bytes = max(math.prod(per_slot) * dtype.itemsize, 1)
-            self.buffer = _reserve(max(capacity, _RESERVE_BYTES // slot_bytes) * slot_bytes)
+            self.buffer = _reserve(max(4 * capacity, _RESERVE_BYTES // slot_bytes) * slot_bytes)
         if self.buffer is None:
             self.view = torch.zeros(capacity, *per_slot, dtype=dtype, device=device)
         else:
@@ -139,6 +141,7 @@ class AdapterLayer(nn.Module):
             self.register_buffer(key, None, persistent=False)
         self._stacks: Optional[tuple[_Stack, _Stack]] = None
         self._host_meta = None  # CPU: numpy views of scales, ranks, dropout (cheap per-slot writes)
+        self._written = None  # (slot, A view, B view) of the last write_slot
         self._slot_name: list[Optional[str]] = []  # per slot: adapter name or None (empty)
         self._slot_spec: list[Optional[AdapterSpec]] = []
         self._num_dropout = 0  # adapters with dropout > 0
@@ -330,7 +333,7 @@ class AdapterLayer(nn.Module):
         if not (a.grow(capacity) and b.grow(capacity)):
             return False
         old = self._a_stack.shape[0]
-        self._a_stack, self._b_stack = a.view, b.view
+        self._a_stack, self._b_stack, self._written = a.view, b.view, None
         self._scales, self._ranks, self._dropout = (
             torch.cat([t, torch.full((capacity - old,), fill, dtype=t.dtype, device=t.device)])
             for t, fill in ((self._scales, 0), (self._ranks, 1), (self._dropout, 0))
@@ -366,7 +369,7 @@ class AdapterLayer(nn.Module):
                 a_stack[slot, :r].copy_(self.lora_A[name])
                 b_stack[slot, :, :r].copy_(self.lora_B[name])
                 scales[slot], ranks[slot], dropout[slot] = spec.scale, r, spec.dropout
-        self._stacks = stacks
+        self._stacks, self._written = stacks, None
         self._a_stack, self._b_stack = a_stack, b_stack
         self._scales, self._ranks, self._dropout = scales, ranks, dropout
         self._host_meta = _host_views(scales, ranks, dropout)
@@ -379,9 +382,11 @@ class AdapterLayer(nn.Module):
         buffers = self._buffers  # read directly: nn.Module.__getattr__ costs per access
         if buffers["_a_stack"] is None or r > buffers["_a_stack"].shape[1] or slot >= buffers["_a_stack"].shape[0]:
             self.fit_storage(r)
+        a_view, b_view = buffers["_a_stack"][slot, :r], buffers["_b_stack"][slot, :, :r]
         with torch.no_grad():  # from pinned memory asynchronously (the pool's side stream)
-            buffers["_a_stack"][slot, :r].copy_(a, non_blocking=a.is_pinned())
-            buffers["_b_stack"][slot, :, :r].copy_(b, non_blocking=b.is_pinned())
+            a_view.copy_(a, non_blocking=a.is_pinned())
+            b_view.copy_(b, non_blocking=b.is_pinned())
+        self._written = (slot, a_view, b_view)  # for point(), which usually follows
         self._set_meta(slot, spec.scale, r, spec.dropout)
         self._slot_name[slot] = name
         self._slot_spec[slot] = spec
@@ -398,8 +403,11 @@ class AdapterLayer(nn.Module):
         """Make ``name``'s parameters views of ``slot`` (same Parameter objects if they exist)."""
         spec = self._slot_spec[slot]
         old = self.specs.get(name)
-        a_view = self._a_stack[slot, : spec.r]
-        b_view = self._b_stack[slot, :, : spec.r]
+        written, self._written = self._written, None
+        if written is not None and written[0] == slot and written[1].shape[0] == spec.r:
+            _, a_view, b_view = written
+        else:
+            a_view, b_view = self._a_stack[slot, : spec.r], self._b_stack[slot, :, : spec.r]
         lora_a, lora_b = self.lora_A, self.lora_B
         if name in lora_a:
             lora_a[name].data = a_view
@@ -444,7 +452,7 @@ class AdapterLayer(nn.Module):
         # reserved address space that a copy would commit in full.
         state = dict(super().__getstate__())
         state["_buffers"] = {k: (None if k in _STACK_KEYS else v) for k, v in self._buffers.items()}
-        state["_stacks"] = state["_host_meta"] = None
+        state["_stacks"] = state["_host_meta"] = state["_written"] = None
         state["_copied_rank"] = self.rank_capacity
         return state
 
