@@ -241,7 +241,9 @@ def _read_safetensors(file: str) -> dict[str, torch.Tensor]:
     start, data_len = 8 + header_len, size - 8 - header_len
     entries = []
     for key, info in header.items():
-        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"{key!r}: dtype {info['dtype']!r} is not one an adapter holds")
         shape, (begin, end) = info["shape"], info["data_offsets"]
         if not all(isinstance(d, int) and d >= 0 for d in shape) or not all(isinstance(o, int) for o in (begin, end)):
             raise ValueError(f"{key!r}: bad shape or data offsets")
