@@ -122,7 +122,7 @@ class LoRALinear(AdapterLayer):
         if torch.compiler.is_compiling():  # guards on nothing that a new selection changes
             return self.forward_compiled(x, selection)
         slot = selection.uniform_slot
-        if slot is not None and (slot < 0 or self._slot_spec[slot] is None):
+        if slot is not None and (slot < 0 or self.slot_adapter(slot)[1] is None):
             return self.forward_base(x)
         if not (
             self.dropout_active()

@@ -116,6 +116,29 @@ def _host_views(*tensors: Tensor):
     return tuple(t.numpy() for t in tensors) if tensors[0].device.type == "cpu" else None
 
 
+class _SlotBook:
+    """A layer's per-slot bookkeeping, as plain attributes (``nn.Module.__setattr__``
+    costs microseconds per write, paid per layer on every load)."""
+
+    __slots__ = ("names", "specs", "num_dropout", "written", "host_meta", "stacks")
+
+    def __init__(self) -> None:
+        self.names: list[Optional[str]] = []  # per slot: adapter name or None (empty)
+        self.specs: list[Optional[AdapterSpec]] = []
+        self.num_dropout = 0  # adapters with dropout > 0
+        self.written = None  # (slot, A view, B view) of the last write_slot, for point()
+        self.host_meta = None  # CPU: numpy views of scales, ranks, dropout (cheap per-slot writes)
+        self.stacks: Optional[tuple[_Stack, _Stack]] = None
+
+    def __getstate__(self) -> dict:  # reserved mappings and views are rebuilt, not copied
+        return {"names": self.names, "specs": self.specs, "num_dropout": self.num_dropout}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
 class AdapterLayer(nn.Module):
     """Base of the LoRA layer kinds: named adapters stored in the model's slots.
 
@@ -139,12 +162,7 @@ class AdapterLayer(nn.Module):
         # lora_A/lora_B entries are the per-adapter views.
         for key in _STACK_KEYS:
             self.register_buffer(key, None, persistent=False)
-        self._stacks: Optional[tuple[_Stack, _Stack]] = None
-        self._host_meta = None  # CPU: numpy views of scales, ranks, dropout (cheap per-slot writes)
-        self._written = None  # (slot, A view, B view) of the last write_slot
-        self._slot_name: list[Optional[str]] = []  # per slot: adapter name or None (empty)
-        self._slot_spec: list[Optional[AdapterSpec]] = []
-        self._num_dropout = 0  # adapters with dropout > 0
+        self._book = _SlotBook()
         self.manager = manager
         manager.register(self)
         self.register_load_state_dict_post_hook(_resync_if_reassigned)
@@ -252,10 +270,10 @@ class AdapterLayer(nn.Module):
 
     def slot_adapter(self, slot: int) -> tuple[Optional[str], Optional[AdapterSpec]]:
         """``(name, spec)`` of the adapter in ``slot`` (``(None, None)``: empty)."""
-        return self._slot_name[slot], self._slot_spec[slot]
+        return self._book.names[slot], self._book.specs[slot]
 
     def dropout_active(self) -> bool:
-        return self.training and self._num_dropout > 0
+        return self.training and self._book.num_dropout > 0
 
     def reads_params(self, names, needs_grad: bool = False) -> bool:
         """Whether a forward over ``names`` must read their parameters, not the stacks:
@@ -329,18 +347,18 @@ class AdapterLayer(nn.Module):
         self.rebuild(capacity, rank)
 
     def _grow_in_place(self, capacity: int) -> bool:
-        a, b = self._stacks
+        a, b = self._book.stacks
         if not (a.grow(capacity) and b.grow(capacity)):
             return False
         old = self._a_stack.shape[0]
-        self._a_stack, self._b_stack, self._written = a.view, b.view, None
+        self._a_stack, self._b_stack, self._book.written = a.view, b.view, None
         self._scales, self._ranks, self._dropout = (
             torch.cat([t, torch.full((capacity - old,), fill, dtype=t.dtype, device=t.device)])
             for t, fill in ((self._scales, 0), (self._ranks, 1), (self._dropout, 0))
         )
-        self._slot_name += [None] * (capacity - old)
-        self._slot_spec += [None] * (capacity - old)
-        self._host_meta = _host_views(self._scales, self._ranks, self._dropout)
+        self._book.names += [None] * (capacity - old)
+        self._book.specs += [None] * (capacity - old)
+        self._book.host_meta = _host_views(self._scales, self._ranks, self._dropout)
         return True
 
     def rebuild(self, capacity: int, rank: int) -> None:
@@ -360,19 +378,19 @@ class AdapterLayer(nn.Module):
         ranks = torch.ones(capacity, dtype=torch.int64, device=device)  # empty slots: rank 1, scale 0
         dropout = torch.zeros(capacity, dtype=torch.float32, device=device)
         slot_of = {name: self.manager.slot(name) for name in self.specs}
-        self._slot_name = [None] * capacity
-        self._slot_spec = [None] * capacity
+        self._book.names = [None] * capacity
+        self._book.specs = [None] * capacity
         with torch.no_grad():
             for name, spec in self.specs.items():
                 slot, r = slot_of[name], spec.r
-                self._slot_name[slot], self._slot_spec[slot] = name, spec
+                self._book.names[slot], self._book.specs[slot] = name, spec
                 a_stack[slot, :r].copy_(self.lora_A[name])
                 b_stack[slot, :, :r].copy_(self.lora_B[name])
                 scales[slot], ranks[slot], dropout[slot] = spec.scale, r, spec.dropout
-        self._stacks, self._written = stacks, None
+        self._book.stacks, self._book.written = stacks, None
         self._a_stack, self._b_stack = a_stack, b_stack
         self._scales, self._ranks, self._dropout = scales, ranks, dropout
-        self._host_meta = _host_views(scales, ranks, dropout)
+        self._book.host_meta = _host_views(scales, ranks, dropout)
         for name in self.specs:
             self.point(name, slot_of[name])
 
@@ -386,14 +404,14 @@ class AdapterLayer(nn.Module):
         with torch.no_grad():  # from pinned memory asynchronously (the pool's side stream)
             a_view.copy_(a, non_blocking=a.is_pinned())
             b_view.copy_(b, non_blocking=b.is_pinned())
-        self._written = (slot, a_view, b_view)  # for point(), which usually follows
+        self._book.written = (slot, a_view, b_view)  # for point(), which usually follows
         self._set_meta(slot, spec.scale, r, spec.dropout)
-        self._slot_name[slot] = name
-        self._slot_spec[slot] = spec
+        self._book.names[slot] = name
+        self._book.specs[slot] = spec
 
     def _set_meta(self, slot: int, scale: float, rank: int, dropout: float) -> None:
-        if self._host_meta is not None:  # CPU: through numpy views, far cheaper per element
-            scales, ranks, dropouts = self._host_meta
+        if self._book.host_meta is not None:  # CPU: through numpy views, far cheaper per element
+            scales, ranks, dropouts = self._book.host_meta
             scales[slot], ranks[slot], dropouts[slot] = scale, rank, dropout
             return
         with torch.no_grad():
@@ -401,9 +419,9 @@ class AdapterLayer(nn.Module):
 
     def point(self, name: str, slot: int, requires_grad: bool = False) -> None:
         """Make ``name``'s parameters views of ``slot`` (same Parameter objects if they exist)."""
-        spec = self._slot_spec[slot]
+        spec = self._book.specs[slot]
         old = self.specs.get(name)
-        written, self._written = self._written, None
+        written, self._book.written = self._book.written, None
         if written is not None and written[0] == slot and written[1].shape[0] == spec.r:
             _, a_view, b_view = written
         else:
@@ -415,26 +433,26 @@ class AdapterLayer(nn.Module):
         else:
             lora_a[name] = nn.Parameter(a_view, requires_grad=requires_grad)
             lora_b[name] = nn.Parameter(b_view, requires_grad=requires_grad)
-        self._num_dropout += (spec.dropout > 0) - (old is not None and old.dropout > 0)
+        self._book.num_dropout += (spec.dropout > 0) - (old is not None and old.dropout > 0)
         self.specs[name] = spec
 
     def forget(self, name: str) -> None:
         """Drop ``name``'s parameters; its slot's data stays until it is cleared."""
-        self._num_dropout -= self.specs[name].dropout > 0
+        self._book.num_dropout -= self.specs[name].dropout > 0
         del self.lora_A[name]
         del self.lora_B[name]
         del self.specs[name]
 
     def clear_slot(self, slot: int) -> None:
         """Zero ``slot`` so that rows pointing at it get the base output."""
-        if self._a_stack is None or self._slot_spec[slot] is None:
+        if self._a_stack is None or self._book.specs[slot] is None:
             return
         with torch.no_grad():
             self._a_stack[slot].zero_()
             self._b_stack[slot].zero_()
         self._set_meta(slot, 0.0, 1, 0.0)
-        self._slot_name[slot] = None
-        self._slot_spec[slot] = None
+        self._book.names[slot] = None
+        self._book.specs[slot] = None
 
     def resync(self) -> None:
         """Rebuild the stacks from the parameters (after ``to()``, deepcopy, unpickling)."""
@@ -452,7 +470,6 @@ class AdapterLayer(nn.Module):
         # reserved address space that a copy would commit in full.
         state = dict(super().__getstate__())
         state["_buffers"] = {k: (None if k in _STACK_KEYS else v) for k, v in self._buffers.items()}
-        state["_stacks"] = state["_host_meta"] = state["_written"] = None
         state["_copied_rank"] = self.rank_capacity
         return state
 
