@@ -426,10 +426,11 @@ class AdapterLayer(nn.Module):
             _, a_view, b_view = written
         else:
             a_view, b_view = self._a_stack[slot, : spec.r], self._b_stack[slot, :, : spec.r]
-        lora_a, lora_b = self.lora_A, self.lora_B
-        if name in lora_a:
-            lora_a[name].data = a_view
-            lora_b[name].data = b_view
+        lora_a, lora_b = self._modules["lora_A"], self._modules["lora_B"]  # no __getattr__ per load
+        existing = lora_a._parameters.get(name)
+        if existing is not None:
+            existing.data = a_view
+            lora_b._parameters[name].data = b_view
         else:
             lora_a[name] = nn.Parameter(a_view, requires_grad=requires_grad)
             lora_b[name] = nn.Parameter(b_view, requires_grad=requires_grad)
@@ -445,11 +446,12 @@ class AdapterLayer(nn.Module):
 
     def clear_slot(self, slot: int) -> None:
         """Zero ``slot`` so that rows pointing at it get the base output."""
-        if self._a_stack is None or self._book.specs[slot] is None:
+        buffers = self._buffers
+        if buffers["_a_stack"] is None or self._book.specs[slot] is None:
             return
         with torch.no_grad():
-            self._a_stack[slot].zero_()
-            self._b_stack[slot].zero_()
+            buffers["_a_stack"][slot].zero_()
+            buffers["_b_stack"][slot].zero_()
         self._set_meta(slot, 0.0, 1, 0.0)
         self._book.names[slot] = None
         self._book.specs[slot] = None
