@@ -115,7 +115,8 @@ class LoRALinear(AdapterLayer):
     # -- forward routes -------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         selection = self.manager.selection.active()
-        if selection is None or self._buffers["_a_stack"] is None:
+        a_stack = self._buffers["_a_stack"]  # read directly: nn.Module.__getattr__ costs per access
+        if selection is None or a_stack is None:
             return self.forward_base(x)
         if self.merge_record is not None:
             return self.forward_merged(x, selection)
@@ -127,7 +128,7 @@ class LoRALinear(AdapterLayer):
         if not (
             self.dropout_active()
             or self.reads_params(selection.used_names, needs_grad=x.requires_grad)
-            or x.dtype != self._a_stack.dtype
+            or x.dtype != a_stack.dtype
             or torch.is_autocast_enabled(x.device.type)  # the base GEMM's output in another dtype
         ):
             return self.forward_inplace(x, selection)
