@@ -196,10 +196,19 @@ def test_lora_linear_layer_gives_the_same_bits_in_train_and_eval_mode(device, dt
     """Public API only: a model in train mode (autograd, dropout 0) and in eval mode (the
     in-place serving path) returns the same bits."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(48, 64), nn.Linear(64, 40)).to(device, dtype)
+    model = nn.Sequential(nn.Linear(256, 384), nn.Linear(384, 320)).to(device, dtype)
+    x = torch.randn(6, 40, 256, device=device, dtype=dtype)
+
+    def sgd_step():  # B starts at zero: one step makes the update non-zero
+        params = [p for p in model.parameters() if p.requires_grad]
+        model(x).float().square().mean().backward()
+        torch.optim.SGD(params, lr=0.5).step()
+
+    model.train()
     lora_ext.inject_lora(model, ["0", "1"], r=8, alpha=16, init="gaussian", adapter_name="first")
-    lora_ext.inject_lora(model, ["0", "1"], r=4, alpha=4, init="gaussian", adapter_name="second")
-    x = torch.randn(6, 10, 48, device=device, dtype=dtype)
+    sgd_step()
+    lora_ext.inject_lora(model, ["0", "1"], r=16, alpha=64, init="gaussian", adapter_name="second")
+    sgd_step()
     names = ["first", "second", None, "second", "first", "first"] if mixed else "second"
     lora_ext.set_adapter(model, names)
     with deterministic():
