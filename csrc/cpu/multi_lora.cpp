@@ -286,7 +286,8 @@ template void lora_rows_forward<c10::Half>(const RowsProblem<c10::Half>&, const 
 template void lora_rows_forward<c10::BFloat16>(const RowsProblem<c10::BFloat16>&,
                                                const AdapterGroups&);
 
-// ATen's GEMM runs these 16-wide shapes at a third of its rate, and may split the rows.
+// Not at::mm: ATen's GEMM runs these 16-wide shapes at a third of its rate, and its order
+// of summing the rows is its own (lora_rows.h).
 at::Tensor rank_outer(const at::Tensor& lhs, const at::Tensor& rhs, double scale) {
   const int64_t rows = rhs.size(0), n = rhs.size(1), rank = lhs.size(1);
   at::Tensor out = at::empty({rank, n}, lhs.options());
@@ -402,7 +403,7 @@ GradTuple3 multi_lora_backward(const at::Tensor& grad_in, const at::Tensor& x_in
   const at::Tensor used = at::tensor(adapter_of, at::TensorOptions().dtype(at::kLong));
   for (int64_t g = 0; g < num_groups; ++g) groups.adapter[g] = g;
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor scales = scales_in.to(at::kCPU).to(acc).index_select(0, used).contiguous();
+  const at::Tensor scales = scales_in.to(acc).index_select(0, used).contiguous();
   const at::Tensor rank_of = ranks.index_select(0, used).contiguous();
   const at::Tensor order = at::from_blob(groups.order.data(),
                                          {static_cast<int64_t>(groups.order.size())},
