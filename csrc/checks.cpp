@@ -2,6 +2,7 @@
 // metadata (shape, dtype, device), never at data, and run before any kernel.
 #include "dispatch.h"
 
+#include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
 namespace lora_ext {
@@ -192,6 +193,13 @@ void check_multi_lora_add_args(const at::Tensor& y, const at::Tensor& x,
   TORCH_CHECK(y.size(0) <= 1 || y.stride(0) >= y.size(1), op,
               ": y's rows must not overlap (row stride >= out), got strides ", y.strides(),
               " for shape ", y.sizes());
+  // The kernels read b_stack (and scales, ranks) while they write y, on CUDA from other
+  // blocks; a fused kernel would read x and a_stack then too. No input may share y's bytes.
+  for (auto [t, name] : {std::pair{&x, "x"}, {&a_stack, "a_stack"}, {&b_stack, "b_stack"},
+                         {&indices, "indices"}, {&scales, "scales"}}) {
+    check_no_shared_memory(y, "y", *t, op, name);
+  }
+  if (ranks.has_value() && ranks->defined()) check_no_shared_memory(y, "y", *ranks, op, "ranks");
 }
 
 void check_multi_lora_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
@@ -269,6 +277,17 @@ void check_unmerge_exact_args(const at::Tensor& weight, const at::Tensor& lora_a
     const int64_t hi = overflow_index.max().item<int64_t>();
     TORCH_CHECK(lo >= 0 && hi < weight.numel(), op, ": overflow_index values must be in [0, ",
                 weight.numel(), "), got [", lo, ", ", hi, "]");
+    // The list must be the merge's: entries only for elements whose residual is -128 (the
+    // correction did not fit in int8), none twice; otherwise the restore would write values
+    // the element check never looked at. (A -128 element without an entry fails that check.)
+    const at::Tensor sorted = std::get<0>(overflow_index.sort());
+    TORCH_CHECK(!sorted.slice(0, 1).eq(sorted.slice(0, 0, -1)).any().item<bool>(), op,
+                ": overflow_index lists an element more than once; it must be the list "
+                "merge_exact_ returned; weight is unchanged");
+    TORCH_CHECK(residual.reshape({-1}).index_select(0, overflow_index).eq(-128).all().item<bool>(),
+                op, ": overflow_index lists an element whose residual is not -128 (its "
+                "correction fitted in int8, so merge_exact_ did not return it); weight is "
+                "unchanged");
   }
 }
 

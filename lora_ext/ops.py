@@ -29,6 +29,12 @@ def lora_linear(
     lora_a: ``[r, in]``; lora_b: ``[out, r]``. Returns ``[..., out]``.
     Differentiable w.r.t. every tensor argument. (The op also returns ``x @ lora_a.T``
     in fp32, which its backward reuses; this wrapper returns the output only.)
+
+    Bit for bit, the result is ``F.linear(x, weight, bias)`` followed by
+    :func:`multi_lora_add_` of this adapter: what a serving path computes, so training and
+    serving agree (RELIABILITY.md, "Exactness"). Under
+    ``torch.use_deterministic_algorithms(True)`` the LoRA part of each row (forward and
+    backward) does not depend on the rest of the batch; the base GEMM is ATen's.
     """
     return _ops.lora_linear.default(x, weight, bias, lora_a, lora_b, float(scale))[0]
 
@@ -51,6 +57,12 @@ def multi_lora(
     ``i = indices[t] >= 0`` is
     ``base[t] + scales[i] * (x[t] @ a_stack[i, :ranks[i]].T) @ b_stack[i, :, :ranks[i]].T``
     and a row with -1 is ``base[t]``. Differentiable w.r.t. x, a_stack, b_stack, base.
+
+    Under ``torch.use_deterministic_algorithms(True)`` each row's result (and its
+    gradient w.r.t. x) is the same bits whatever else is in the batch: other adapters,
+    how many rows share its adapter, T, the thread count; the weight gradients are the
+    same on every run. That mode costs up to about a third more for decode batches of
+    one row per adapter (BENCHMARKS.md, "Issue 19").
     """
     return _ops.multi_lora.default(x, a_stack, b_stack, indices, scales, ranks, base)
 
@@ -71,7 +83,8 @@ def multi_lora_add_(
     Row t with ``i = indices[t] >= 0`` gets
     ``y[t] += scales[i] * (x[t] @ a_stack[i, :ranks[i]].T) @ b_stack[i, :, :ranks[i]].T``
     (fp32 accumulation, rounded once); rows with -1 are not touched. The other
-    arguments are as for :func:`multi_lora`. On any error y is left unchanged.
+    arguments are as for :func:`multi_lora`, and so is the deterministic mode. y must not
+    share memory with any input (refused). On any error y is left unchanged.
     """
     _multi_lora_add(y, x, a_stack, b_stack, indices, scales, ranks)
     _increment_version(y)
@@ -125,7 +138,12 @@ def unmerge_exact_(
     overflow_index: Tensor,
     overflow_values: Tensor,
 ) -> None:
-    """Undo :func:`merge_exact_`, restoring every element of weight bit for bit."""
+    """Undo :func:`merge_exact_`, restoring every element of weight bit for bit.
+
+    Refuses, writing nothing, a weight, factors, scale, residual or overflow list that do
+    not match the merge (the overflow list must be the one merge_exact_ returned: entries
+    only where residual is -128, none twice; its order does not matter).
+    """
     _ops.unmerge_exact_.default(
         weight, lora_a, lora_b, float(scale), residual, overflow_index, overflow_values
     )

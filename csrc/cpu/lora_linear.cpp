@@ -1,10 +1,10 @@
-// CPU lora_linear. Forward: the LoRA update (bias + scale * B @ (A @ x), fp32 [T, r]
-// intermediate, B @ A never formed) is written into a fresh output, then the base GEMM
-// accumulates onto it (ATen's addmm_, beta = 1), so the output is written once by the
-// update and read once inside the GEMM. The intermediate is returned for the backward.
-// Backward: grad_x the same way (scale * (g @ B) @ A, then += g @ W), with g @ B kept
-// in fp32 and reused for grad_a; grad_b from the saved intermediate; both weight
-// gradients by rank_outer, one pass over x or g each.
+// CPU lora_linear. Forward: the base layer's output by ATen (at::linear, the call
+// F.linear makes), then the LoRA update added in place (scale * B @ (A @ x), fp32 [T, r]
+// intermediate, B @ A never formed, rounded once), as multi_lora_add_ does when serving.
+// The intermediate is returned for the backward.
+// Backward: grad_x = scale * (g @ B) @ A (the same row kernels), then += g @ W, with g @ B
+// kept in fp32 and reused for grad_a; grad_b from the saved intermediate; both weight
+// gradients by rank_outer, one pass over x or g each, rows summed in order.
 #include "cpu/lora_rows.h"
 #include "cpu/microkernels.h"
 #include "cpu/parallel.h"
@@ -20,16 +20,16 @@ namespace {
 
 at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// y = [base row] + scale * (x @ a^T) @ b^T over every row of x, with the [T, r]
-// intermediate written to xa (acc dtype, contiguous). a: [r, in], b: [out, r], both
-// contiguous; base: null, or one row broadcast (a bias).
-void rank_update(const at::Tensor& x2, const at::Tensor& a, const at::Tensor& b,
-                 const std::optional<at::Tensor>& bias_row, double scale, at::Tensor& y,
-                 at::Tensor& xa) {
+// y = (accumulate ? y : 0) + scale * (x @ a^T) @ b^T over every row of x, rounded once,
+// with the [T, r] intermediate written to xa (acc dtype, contiguous). a: [r, in], b:
+// [out, r], both contiguous; y: [T, out] contiguous, or empty: xa only.
+void rank_update(const at::Tensor& x2, const at::Tensor& a, const at::Tensor& b, double scale,
+                 bool accumulate, const at::Tensor& y, const at::Tensor& xa) {
   const int64_t in = x2.size(1), out = b.size(0), rank = a.size(0);
   LORA_EXT_DISPATCH_FLOATING_TYPES(x2.scalar_type(), "lora_linear", [&] {
     using Acc = acc_t<scalar_t>;
     const Acc scale_acc = static_cast<Acc>(scale);
+    scalar_t* y_ptr = y.numel() > 0 ? y.mutable_data_ptr<scalar_t>() : nullptr;
     RowsProblem<scalar_t> p{x2.const_data_ptr<scalar_t>(),
                             in,
                             a.const_data_ptr<scalar_t>(),
@@ -40,35 +40,18 @@ void rank_update(const at::Tensor& x2, const at::Tensor& a, const at::Tensor& b,
                             out,
                             &scale_acc,
                             &rank,
-                            bias_row ? bias_row->const_data_ptr<scalar_t>() : nullptr,
-                            y.mutable_data_ptr<scalar_t>(),
+                            accumulate ? y_ptr : nullptr,
+                            y_ptr,
                             out};
-    p.base_ld = 0;
     p.xa_out = xa.mutable_data_ptr<Acc>();
     lora_rows_forward(p, single_group(x2.size(0)));
   });
 }
 
-// scale * lhs^T @ rhs as [r, n] in the acc dtype: a rank-r weight gradient in one pass
-// over rhs (ATen's GEMM runs these 16-wide shapes at a third of its rate). lhs: [T, r]
-// acc dtype, contiguous; rhs: [T, n] contiguous.
-at::Tensor rank_outer(const at::Tensor& lhs, const at::Tensor& rhs, double scale) {
-  const int64_t rows = rhs.size(0), n = rhs.size(1), rank = lhs.size(1);
-  at::Tensor out = at::empty({rank, n}, lhs.options());
-  LORA_EXT_DISPATCH_FLOATING_TYPES(rhs.scalar_type(), "lora_linear_backward", [&] {
-    using Acc = acc_t<scalar_t>;
-    const MicroKernels<scalar_t>& mk = micro_kernels<scalar_t>();
-    const int64_t cols = mk.outer_cols, blocks = (n + cols - 1) / cols;
-    const Acc* l = lhs.const_data_ptr<Acc>();
-    const scalar_t* r = rhs.const_data_ptr<scalar_t>();
-    Acc* o = out.mutable_data_ptr<Acc>();
-    // One call per task: each thread streams its column range of every row once.
-    at::parallel_for(0, blocks, grain_for(blocks, rows * rank * n), [&](int64_t lo, int64_t hi) {
-      const int64_t c0 = lo * cols, c1 = std::min(hi * cols, n);
-      mk.rank_outer(l, rank, r + c0, n, rows, c1 - c0, static_cast<Acc>(scale), o + c0, n);
-    });
-  });
-  return out;
+// Rows of x ([..., in]): the product of its leading sizes (reshape(-1, n) cannot tell
+// when a size is 0).
+int64_t leading_rows(const at::Tensor& x) {
+  return c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));
 }
 
 }  // namespace
@@ -79,18 +62,19 @@ std::tuple<at::Tensor, at::Tensor> lora_linear(const at::Tensor& x, const at::Te
                                                const at::Tensor& lora_b_in, double scale) {
   check_lora_linear_args(x, weight, bias, lora_a_in, lora_b_in);
   const int64_t in = weight.size(1), out = weight.size(0), rank = lora_a_in.size(0);
-  const at::Tensor x2 = x.reshape({-1, in}).contiguous();
-  std::optional<at::Tensor> bias_row;
-  if (bias.has_value() && bias->defined()) bias_row = bias->contiguous();
-  at::Tensor y = at::empty({x2.size(0), out}, x.options());
-  at::Tensor xa = at::empty({x2.size(0), rank}, x.options().dtype(acc_dtype(x.scalar_type())));
-  rank_update(x2, lora_a_in.contiguous(), lora_b_in.contiguous(), bias_row, scale, y, xa);
-  y.addmm_(x2, weight.t());
-  auto shape = x.sizes().vec();
-  shape.back() = out;
+  const int64_t rows = leading_rows(x);
+  const at::Tensor x2 = x.reshape({rows, in}).contiguous();
+  // The base layer's output first, by the very call F.linear makes, then the update added
+  // in place and rounded once: what multi_lora_add_ does to the base layer's output when
+  // serving, so the training and the serving path give the same bits (LoRALinear in train
+  // and in eval mode). The output's traffic is the same as adding the base onto the update.
+  at::Tensor y = at::linear(x, weight, bias).contiguous();
+  at::Tensor y2 = y.view({rows, out});
+  at::Tensor xa = at::empty({rows, rank}, x.options().dtype(acc_dtype(x.scalar_type())));
+  rank_update(x2, lora_a_in.contiguous(), lora_b_in.contiguous(), scale, /*accumulate=*/true, y2, xa);
   auto xa_shape = x.sizes().vec();
   xa_shape.back() = rank;
-  return {y.view(shape), xa.view(xa_shape)};
+  return {y, xa.view(xa_shape)};
 }
 
 GradTuple5 lora_linear_backward(const at::Tensor& grad_out, const at::Tensor& x,
@@ -100,9 +84,9 @@ GradTuple5 lora_linear_backward(const at::Tensor& grad_out, const at::Tensor& x,
   check_lora_linear_backward_args(grad_out, x, weight, lora_a, lora_b);
   const auto dtype = x.scalar_type(), acc = acc_dtype(dtype);
   const int64_t in = weight.size(1), out = weight.size(0), rank = lora_a.size(0);
-  const at::Tensor g = grad_out.reshape({-1, out}).contiguous();
-  const at::Tensor x2 = x.reshape({-1, in});
-  const int64_t rows = g.size(0);
+  const int64_t rows = leading_rows(x);
+  const at::Tensor g = grad_out.reshape({rows, out}).contiguous();
+  const at::Tensor x2 = x.reshape({rows, in});
   TORCH_CHECK(xa.scalar_type() == acc && xa.numel() == rows * rank && xa.size(-1) == rank,
               "lora_linear_backward: xa must be lora_linear's second output (", rows, " x ",
               rank, " in ", acc, "), got shape ", xa.sizes(), " and dtype ", xa.scalar_type());
@@ -116,11 +100,12 @@ GradTuple5 lora_linear_backward(const at::Tensor& grad_out, const at::Tensor& x,
     // += g @ W inside the GEMM.
     gb = at::empty({rows, rank}, x.options().dtype(acc));
     at::Tensor gx = at::empty({rows, in}, x.options());
-    rank_update(g, lora_b.t().contiguous(), lora_a.t().contiguous(), std::nullopt, scale, gx, gb);
+    rank_update(g, lora_b.t().contiguous(), lora_a.t().contiguous(), scale, /*accumulate=*/false, gx, gb);
     gx.addmm_(g, weight);
     grad_x = gx.view(x.sizes());
   } else if (need_a) {
-    gb = at::mm(g.to(acc), lora_b.to(acc));
+    gb = at::empty({rows, rank}, x.options().dtype(acc));
+    rank_update(g, lora_b.t().contiguous(), lora_a.t().contiguous(), scale, false, empty, gb);
   }
   if (need_w) grad_w = at::mm(g.t(), x2);
   if (need_bias) grad_bias = g.sum(0);

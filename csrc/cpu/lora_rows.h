@@ -41,15 +41,27 @@ struct RowsProblem {
   const acc_t<T>* scales;  // [N]
   const int64_t* ranks;  // [N]
   const T* base;       // [T, out] or null; may equal y (then y is updated in place)
-  T* y;                // [T, out]
+  T* y;                // [T, out], or null: the shrink only (xa_out must be set)
   int64_t ldy;         // row stride of y (>= out; > out for a column slice)
   int64_t base_ld = -1;  // row stride of base: -1 the same as y's, 0 one row for all (a bias)
-  // With one group only: when set, receives the rank-r intermediate A @ x[t] of every
-  // row t at xa_out + t * rank (fp32, what the backward needs).
+  // When set, receives the intermediate A_i[:rank] @ x[t] of every grouped row t at
+  // xa_out + t * xa_ld (its rank's values; fp32, what the backward needs). Rows of no
+  // group are not written.
   acc_t<T>* xa_out = nullptr;
+  int64_t xa_ld = 0;
 };
+
+// Whether each row's result must not depend on the rest of the batch (its group's size,
+// the other adapters, the thread count): under torch.use_deterministic_algorithms(True).
+bool rows_invariant();
 
 template <typename T>
 void lora_rows_forward(const RowsProblem<T>& p, const AdapterGroups& groups);
+
+// scale * lhs^T @ rhs as [r, n] in the acc dtype: a rank-r weight gradient, one pass over
+// rhs, each column summed over the rows in order (threads split the columns, so the result
+// does not depend on their number). lhs: [rows, r] acc dtype, contiguous; rhs: [rows, n]
+// contiguous.
+at::Tensor rank_outer(const at::Tensor& lhs, const at::Tensor& rhs, double scale);
 
 }  // namespace lora_ext::cpu

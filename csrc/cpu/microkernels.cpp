@@ -4,6 +4,16 @@
 //
 // Keep this file free of parallel loops, allocation and standard-library containers:
 // the same inline code compiled with different -m flags must not meet at link time.
+//
+// No floating-point contraction: GCC would otherwise fuse a multiply and an add written
+// apart (an epilogue's acc * scale + base) into one FMA where it sees fit, and it sees
+// fit differently in the one-row and the four-row instances of a template, so a row's
+// bits would depend on how many rows shared its block. The hot loops call FMAs by name.
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
 #include "microkernels.h"
 
 #include <ATen/cpu/vec/functional.h>

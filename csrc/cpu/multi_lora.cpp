@@ -7,6 +7,7 @@
 #include "ops.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -75,6 +76,8 @@ AdapterGroups single_group(int64_t num_rows) {
   return g;
 }
 
+bool rows_invariant() { return at::globalContext().deterministicAlgorithms(); }
+
 template <typename T>
 void lora_rows_forward(const RowsProblem<T>& p, const AdapterGroups& groups) {
   using Acc = acc_t<T>;
@@ -82,11 +85,17 @@ void lora_rows_forward(const RowsProblem<T>& p, const AdapterGroups& groups) {
   const int64_t num_groups = groups.size();
   int64_t max_rank = 0;
   for (int64_t g = 0; g < num_groups; ++g) max_rank = std::max(max_rank, p.ranks[groups.adapter[g]]);
+  // The kernels below pick a shape of work by group size, and the shapes sum in different
+  // orders: the dot-product shrink (small groups) and the panel shrink (large ones); the
+  // dot-product expand (a few rows) and the packed one. Deterministic mode keeps one order
+  // per op for every group: the dot-product shrink, and the packed expand's order (a small
+  // group packs each block of B into a per-task tile). Measured cost: BENCHMARKS.md.
+  const bool invariant = rows_invariant();
 
   const int64_t base_ld = p.base_ld < 0 ? p.ldy : p.base_ld;
   // Rows with no adapter: y = base (or 0).
   const int64_t row_bytes = p.out * static_cast<int64_t>(sizeof(T));
-  const int64_t num_skipped = static_cast<int64_t>(groups.skipped.size());
+  const int64_t num_skipped = p.y == nullptr ? 0 : static_cast<int64_t>(groups.skipped.size());
   at::parallel_for(0, num_skipped, grain_for(num_skipped, num_skipped * p.out), [&](int64_t lo, int64_t hi) {
     for (int64_t s = lo; s < hi; ++s) {
       const int64_t t = groups.skipped[s];
@@ -111,7 +120,7 @@ void lora_rows_forward(const RowsProblem<T>& p, const AdapterGroups& groups) {
   for (int64_t g = 0; g < num_groups; ++g) {
     const int64_t rank = p.ranks[groups.adapter[g]];
     const int64_t bytes = mk.panel_bytes(rank, p.in);
-    if (group_rows_of(g) < kPanelRows || bytes == 0) continue;
+    if (invariant || group_rows_of(g) < kPanelRows || bytes == 0) continue;
     panel_offset[g] = panel_floats;
     panel_floats += bytes / static_cast<int64_t>(sizeof(float));
   }
@@ -163,11 +172,13 @@ void lora_rows_forward(const RowsProblem<T>& p, const AdapterGroups& groups) {
     }
   });
   if (p.xa_out != nullptr) {
-    TORCH_INTERNAL_ASSERT(num_groups == 1, "xa_out needs a single group");
-    const int64_t rank = p.ranks[groups.adapter[0]];
-    for (int64_t q = 0; q < groups.offset[1]; ++q)
-      std::memcpy(p.xa_out + groups.order[q] * rank, xa.data() + q * xa_stride, rank * sizeof(Acc));
+    for (int64_t g = 0; g < num_groups; ++g) {
+      const int64_t rank = p.ranks[groups.adapter[g]], ld = p.xa_ld > 0 ? p.xa_ld : rank;
+      for (int64_t q = groups.offset[g]; q < groups.offset[g + 1]; ++q)
+        std::memcpy(p.xa_out + groups.order[q] * ld, xa.data() + q * xa_stride, rank * sizeof(Acc));
+    }
   }
+  if (p.y == nullptr) return;
 
   // Expand: y[t] = base[t] + scale * B_i[:, :r] @ xa[t]. Two shapes of work:
   // - groups of at most kDotRows rows (decode): one item per (group, block of outputs),
@@ -207,10 +218,19 @@ void lora_rows_forward(const RowsProblem<T>& p, const AdapterGroups& groups) {
     const Acc* xa_rows[kDotRows];
     const T* base_rows[kDotRows];
     T* y_rows[kDotRows];
+    // Deterministic mode: this block of B packed here, then the packed expand.
+    const std::unique_ptr<Acc[]> tile(invariant ? new Acc[max_rank * ob] : nullptr);
     for (int64_t it = lo; it < hi; ++it) {
       const int64_t g = few_groups[it / num_blocks], o0 = (it % num_blocks) * ob;
       const int64_t i = groups.adapter[g];
       fill_rows(groups.offset[g], group_rows_of(g), o0, xa_rows, base_rows, y_rows);
+      if (invariant) {
+        const int64_t nout = std::min(ob, p.out - o0);
+        mk.pack_bt(p.b + i * p.b_stride + o0 * p.ldb, p.ldb, nout, p.ranks[i], tile.get());
+        mk.expand(xa_rows, p.base ? base_rows : nullptr, y_rows, group_rows_of(g), tile.get(),
+                  p.ranks[i], nout, p.scales[i]);
+        continue;
+      }
       // Adapter i's B ends at row `out`, so this is safe whatever follows it in memory.
       const int64_t b_readable = (p.out - o0) * p.ldb;
       mk.expand_dot(xa_rows, p.base ? base_rows : nullptr, y_rows, group_rows_of(g),
@@ -265,6 +285,27 @@ template void lora_rows_forward<float>(const RowsProblem<float>&, const AdapterG
 template void lora_rows_forward<c10::Half>(const RowsProblem<c10::Half>&, const AdapterGroups&);
 template void lora_rows_forward<c10::BFloat16>(const RowsProblem<c10::BFloat16>&,
                                                const AdapterGroups&);
+
+// Not at::mm: ATen's GEMM runs these 16-wide shapes at a third of its rate, and its order
+// of summing the rows is its own (lora_rows.h).
+at::Tensor rank_outer(const at::Tensor& lhs, const at::Tensor& rhs, double scale) {
+  const int64_t rows = rhs.size(0), n = rhs.size(1), rank = lhs.size(1);
+  at::Tensor out = at::empty({rank, n}, lhs.options());
+  LORA_EXT_DISPATCH_FLOATING_TYPES(rhs.scalar_type(), "rank_outer", [&] {
+    using Acc = acc_t<scalar_t>;
+    const MicroKernels<scalar_t>& mk = micro_kernels<scalar_t>();
+    const int64_t cols = mk.outer_cols, blocks = (n + cols - 1) / cols;
+    const Acc* l = lhs.const_data_ptr<Acc>();
+    const scalar_t* r = rhs.const_data_ptr<scalar_t>();
+    Acc* o = out.mutable_data_ptr<Acc>();
+    // One call per task: each thread streams its column range of every row once.
+    at::parallel_for(0, blocks, grain_for(blocks, rows * rank * n), [&](int64_t lo, int64_t hi) {
+      const int64_t c0 = lo * cols, c1 = std::min(hi * cols, n);
+      mk.rank_outer(l, rank, r + c0, n, rows, c1 - c0, static_cast<Acc>(scale), o + c0, n);
+    });
+  });
+  return out;
+}
 
 namespace {
 
@@ -345,35 +386,74 @@ GradTuple3 multi_lora_backward(const at::Tensor& grad_in, const at::Tensor& x_in
                                std::array<bool, 3> output_mask) {
   check_multi_lora_backward_args(grad_in, x_in, a_stack, b_stack, indices, scales_in, ranks_in);
   const int64_t num_adapters = a_stack.size(0), max_rank = a_stack.size(1);
+  const int64_t T = x_in.size(0), in = x_in.size(1), out = b_stack.size(1);
   const at::Tensor ranks = checked_ranks(ranks_in, num_adapters, max_rank);
-  const AdapterGroups groups = group_rows(indices, num_adapters);
-  const at::Tensor scales = scales_in.to(at::kDouble).contiguous();
-  const int64_t* rank_of = ranks.const_data_ptr<int64_t>();
-  const double* scale_of = scales.const_data_ptr<double>();
+  AdapterGroups groups = group_rows(indices, num_adapters);
   const at::Tensor x = x_in.contiguous(), grad = grad_in.contiguous();
   const auto [need_x, need_a, need_b] = output_mask;
 
   at::Tensor grad_x = need_x ? at::zeros_like(x) : x.new_empty({0});
   at::Tensor grad_a = need_a ? at::zeros_like(a_stack, at::MemoryFormat::Contiguous) : x.new_empty({0});
   at::Tensor grad_b = need_b ? at::zeros_like(b_stack, at::MemoryFormat::Contiguous) : x.new_empty({0});
-  const at::Tensor order = at::from_blob(const_cast<int64_t*>(groups.order.data()),
+  const int64_t num_groups = groups.size();
+  if (num_groups == 0 || !(need_x || need_a || need_b)) return {grad_x, grad_a, grad_b};
+
+  // The used adapters only, renumbered 0..num_groups-1 (a stack may hold many more).
+  const std::vector<int64_t> adapter_of = groups.adapter;
+  const at::Tensor used = at::tensor(adapter_of, at::TensorOptions().dtype(at::kLong));
+  for (int64_t g = 0; g < num_groups; ++g) groups.adapter[g] = g;
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor scales = scales_in.to(acc).index_select(0, used).contiguous();
+  const at::Tensor rank_of = ranks.index_select(0, used).contiguous();
+  const at::Tensor order = at::from_blob(groups.order.data(),
                                          {static_cast<int64_t>(groups.order.size())},
                                          at::TensorOptions().dtype(at::kLong));
-  // 16-bit inputs: the products run in fp32 and each gradient is rounded once, when it
-  // is stored (g @ B rounded to 16 bits before meeting A loses digits to cancellation).
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  // Per adapter: a handful of GEMMs over its rows (training batches have many rows each).
-  for (int64_t g = 0; g < groups.size(); ++g) {
-    const int64_t i = groups.adapter[g], r = rank_of[i];
-    const double s = scale_of[i];
+  // Row by row with the forward's kernels (so a row's grad_x does not depend on the rest
+  // of the batch in deterministic mode), all in fp32, each gradient rounded once:
+  // gb[t] = B_i^T g[t] (shrink), grad_x[t] = s_i A_i^T gb[t] (expand), xa[t] = A_i x[t];
+  // then per adapter grad_A_i = s_i gb^T x and grad_B_i = s_i (xa^T g)^T over its rows,
+  // summed in row order by rank_outer.
+  at::Tensor gb, xa;
+  LORA_EXT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "multi_lora_backward", [&] {
+    using Acc = acc_t<scalar_t>;
+    const Acc* s = scales.const_data_ptr<Acc>();
+    const int64_t* r = rank_of.const_data_ptr<int64_t>();
+    if (need_x || need_a) {
+      const at::Tensor bt = b_stack.index_select(0, used).transpose(1, 2).contiguous();  // [U, R, out]
+      const at::Tensor at_ = a_stack.index_select(0, used).transpose(1, 2).contiguous();  // [U, in, R]
+      gb = at::empty({T, max_rank}, x.options().dtype(acc));
+      RowsProblem<scalar_t> p{grad.const_data_ptr<scalar_t>(), out, bt.const_data_ptr<scalar_t>(),
+                              max_rank * out, at_.const_data_ptr<scalar_t>(), in * max_rank,
+                              max_rank, in, s, r, nullptr,
+                              need_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr, in};
+      p.xa_out = gb.mutable_data_ptr<Acc>();
+      p.xa_ld = max_rank;
+      lora_rows_forward(p, groups);
+    }
+    if (need_b) {
+      const at::Tensor a_used = a_stack.index_select(0, used).contiguous();  // [U, R, in]
+      xa = at::empty({T, max_rank}, x.options().dtype(acc));
+      RowsProblem<scalar_t> p{x.const_data_ptr<scalar_t>(), in, a_used.const_data_ptr<scalar_t>(),
+                              max_rank * in, nullptr, 0, 0, 0, s, r, nullptr, nullptr, 0};
+      p.xa_out = xa.mutable_data_ptr<Acc>();
+      p.xa_ld = max_rank;
+      lora_rows_forward(p, groups);
+    }
+  });
+  const int64_t* rank_ptr = rank_of.const_data_ptr<int64_t>();
+  const at::Tensor scale_of = scales.to(at::kDouble);
+  for (int64_t g = 0; g < num_groups; ++g) {
+    const int64_t i = adapter_of[g], rk = rank_ptr[g];
+    const double s = scale_of.const_data_ptr<double>()[g];
     const at::Tensor rows = order.slice(0, groups.offset[g], groups.offset[g + 1]);
-    const at::Tensor xg = x.index_select(0, rows).to(acc), gg = grad.index_select(0, rows).to(acc);
-    const at::Tensor a_i = a_stack[i].narrow(0, 0, r).to(acc);  // [r, in]
-    const at::Tensor b_i = b_stack[i].narrow(1, 0, r).to(acc);  // [out, r]
-    const at::Tensor gb = at::mm(gg, b_i);                      // [n, r]
-    if (need_x) grad_x.index_copy_(0, rows, at::mm(gb, a_i).mul_(s).to(x.scalar_type()));
-    if (need_a) grad_a[i].narrow(0, 0, r).copy_(at::mm(gb.t(), xg).mul_(s));
-    if (need_b) grad_b[i].narrow(1, 0, r).copy_(at::mm(gg.t(), at::mm(xg, a_i.t())).mul_(s));
+    if (need_a) {
+      const at::Tensor lhs = gb.index_select(0, rows).narrow(1, 0, rk).contiguous();  // [n, r]
+      grad_a[i].narrow(0, 0, rk).copy_(rank_outer(lhs, x.index_select(0, rows), s));
+    }
+    if (need_b) {
+      const at::Tensor lhs = xa.index_select(0, rows).narrow(1, 0, rk).contiguous();  // [n, r]
+      grad_b[i].narrow(1, 0, rk).copy_(rank_outer(lhs, grad.index_select(0, rows), s).t());
+    }
   }
   return {grad_x, grad_a, grad_b};
 }

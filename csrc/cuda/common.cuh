@@ -41,6 +41,11 @@ __device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(
 __device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
 __device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
 
+// Deterministic mode (torch.use_deterministic_algorithms(True)): every row's result must
+// not depend on the rest of the batch, so the ops take the tiled kernels for every batch
+// size (each output sums k in ascending order, one block per output, no split over rows).
+inline bool rows_invariant() { return at::globalContext().deterministicAlgorithms(); }
+
 // The scalar type of acc_t<T> for allocating intermediates and scales.
 inline at::ScalarType acc_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;

@@ -116,8 +116,9 @@ __device__ int block_exclusive_scan(int v, int* total) {
   return excl;
 }
 
-// counts must be zero on entry. Row order inside an adapter is arbitrary (atomics):
-// forward results do not depend on it; weight gradients sum in that order.
+// counts must be zero on entry. Rows are placed in row order within each adapter (a
+// stable sort), so weight gradients, which sum an adapter's rows in perm's order, come
+// out the same on every run.
 __global__ void __launch_bounds__(kGroupThreads)
     group_rows_kernel(const int* indices, int64_t T, int64_t N, int* counts, int* offsets,
                       int* cursor, int* perm, int* groups, int* num_groups) {
@@ -152,9 +153,28 @@ __global__ void __launch_bounds__(kGroupThreads)
     *num_groups = group_base;
   }
   __syncthreads();
-  for (int64_t t = threadIdx.x; t < T; t += blockDim.x) {
-    const int i = sanitize_index(indices[t], N);
-    if (i >= 0) perm[atomicAdd(&cursor[i], 1)] = static_cast<int>(t);
+  // Chunks of blockDim rows; in each, the warps take turns, and within a warp the lanes of
+  // one adapter (__match_any_sync) take consecutive places in lane order.
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
+  const unsigned lanes_below = (1u << lane) - 1u;
+  for (int64_t c0 = 0; c0 < T; c0 += blockDim.x) {
+    const int64_t t = c0 + threadIdx.x;
+    const int i = t < T ? sanitize_index(indices[t], N) : -1;
+    const unsigned peers = __match_any_sync(0xffffffffu, i);
+    const int leader = __ffs(peers) - 1;
+    const int before = __popc(peers & lanes_below);
+    for (int w = 0; w < num_warps; ++w) {
+      if (warp == w && i >= 0) {  // every lane of `peers` is here
+        int base = 0;
+        if (lane == leader) {
+          base = cursor[i];
+          cursor[i] = base + __popc(peers);
+        }
+        base = __shfl_sync(peers, base, leader);
+        perm[base + before] = static_cast<int>(t);
+      }
+      __syncthreads();  // cursor's new values, for the next warp
+    }
   }
 }
 
@@ -354,7 +374,9 @@ at::Tensor multi_lora(const at::Tensor& x_in, const at::Tensor& a_in, const at::
   LORA_EXT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "multi_lora", [&] {
     using T_ = scalar_t;
     using Acc = acc_t<T_>;
-    if (T <= kDecodeMaxRows) {
+    // The decode kernels split each row's sum over a warp, in another order than the
+    // tiled ones: deterministic mode takes the tiled kernels for every T.
+    if (T <= kDecodeMaxRows && !rows_invariant()) {
       const at::Tensor base = has_base ? base_in->contiguous() : at::Tensor();
       y = at::empty({T, out}, x.options());
       decode_forward<T_>(x, a, b, p, scales.const_data_ptr<Acc>(),
@@ -385,7 +407,7 @@ void multi_lora_add_(at::Tensor& y, const at::Tensor& x_in, const at::Tensor& a_
   LORA_EXT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "multi_lora_add_", [&] {
     using Acc = acc_t<scalar_t>;
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    if (T <= kDecodeMaxRows) {
+    if (T <= kDecodeMaxRows && !rows_invariant()) {
       decode_forward<scalar_t>(x, a, b, p, scales.const_data_ptr<Acc>(), yp, yp, ldy);
     } else {
       prefill_add<scalar_t>(x, a, b, p, scales.const_data_ptr<Acc>(), yp, ldy);

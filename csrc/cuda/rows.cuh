@@ -152,12 +152,15 @@ struct ExpandProblem {
 };
 
 // Per adapter i, over its rows r (perm[offsets[i] .. offsets[i+1])):
-// O_i[m, n] = sum_r P[r, m] Q[r, n] for m < M_i, n < N_i, where M_i / N_i are either
-// rank_i or a fixed size. Adapters without rows are not written (callers zero O).
+// O_i[m, n] = scale * sum_r P[r, m] Q[r, n] for m < M_i, n < N_i, where M_i / N_i are
+// either rank_i or a fixed size. Rows are summed in perm's order by one block (no split
+// over rows), so the result is the same on every run. Adapters without rows are not
+// written (callers zero O). With offsets == nullptr there is one adapter over rows
+// 0..num_rows-1 in order (perm unused).
 template <typename T, typename PT, typename QT>
 struct WeightGradProblem {
   const int* perm;
-  const int* offsets;  // [N + 1]
+  const int* offsets;  // [N + 1], or null
   const PT* pp;
   int64_t ldp;
   const QT* qp;
@@ -168,6 +171,8 @@ struct WeightGradProblem {
   int max_rank;
   bool m_is_rank, n_is_rank;
   int64_t m_fixed, n_fixed, m_tiles, n_tiles;
+  int64_t num_rows;  // with offsets == nullptr
+  acc_t<T> scale;
 
   static constexpr bool kPKContig = false, kQKContig = false, kReadsOut = false;
   using Acc = acc_t<T>;
@@ -183,8 +188,8 @@ struct WeightGradProblem {
     const int64_t rem = b % per;
     t.m0 = (rem / n_tiles) * BM;
     t.n0 = (rem % n_tiles) * BN;
-    t.start = offsets[i];
-    t.K = offsets[i + 1] - t.start;
+    t.start = offsets != nullptr ? offsets[i] : 0;
+    t.K = (offsets != nullptr ? offsets[i + 1] : num_rows) - t.start;
     const int rank = adapter_rank(ranks, i, max_rank);
     const int64_t mi = m_is_rank ? rank : m_fixed, ni = n_is_rank ? rank : n_fixed;
     if (t.K <= 0 || t.m0 >= mi || t.n0 >= ni) return false;
@@ -193,14 +198,17 @@ struct WeightGradProblem {
     t.out = i * o_adapter + t.m0 * ldo + t.n0;
     return true;
   }
+  __device__ int64_t row(const Tile& t, int64_t k) const {
+    return offsets != nullptr ? static_cast<int64_t>(perm[t.start + k]) : t.start + k;
+  }
   __device__ Acc p(const Tile& t, int m, int64_t k) const {
-    return static_cast<Acc>(pp[static_cast<int64_t>(perm[t.start + k]) * ldp + t.m0 + m]);
+    return static_cast<Acc>(pp[row(t, k) * ldp + t.m0 + m]);
   }
   __device__ Acc q(const Tile& t, int64_t k, int n) const {
-    return static_cast<Acc>(qp[static_cast<int64_t>(perm[t.start + k]) * ldq + t.n0 + n]);
+    return static_cast<Acc>(qp[row(t, k) * ldq + t.n0 + n]);
   }
   __device__ void store(const Tile& t, int m, int n, Acc acc, Old) const {
-    o[t.out + m * ldo + n] = from_acc<T>(acc);
+    o[t.out + m * ldo + n] = from_acc<T>(acc * scale);
   }
 };
 
@@ -246,18 +254,20 @@ void launch_expand(const RowGroups& g, int64_t num_rows, int64_t num_adapters, c
   launch_tiled<S>(prob, max_groups(g, num_rows, num_adapters) * prob.n_tiles);
 }
 
+// offsets == nullptr: one adapter over rows 0..num_rows-1 (perm unused).
 template <typename T, typename PT, typename QT>
 void launch_weight_grad(const int* perm, const int* offsets, int64_t num_adapters, const PT* p,
                         int64_t ldp, const QT* q, int64_t ldq, T* o, int64_t o_adapter,
                         int64_t ldo, const int* ranks, int max_rank, bool m_is_rank,
-                        int64_t m_size, bool n_is_rank, int64_t n_size) {
+                        int64_t m_size, bool n_is_rank, int64_t n_size, int64_t num_rows = 0,
+                        acc_t<T> scale = acc_t<T>(1)) {
   auto run = [&](auto shape) {
     using S = decltype(shape);
     const int64_t m_tiles = ceil_div(m_size, S::kBM), n_tiles = ceil_div(n_size, S::kBN);
     WeightGradProblem<T, PT, QT> prob{perm,     offsets,   p,         ldp,       q,
                                       ldq,      o,         o_adapter, ldo,       ranks,
                                       max_rank, m_is_rank, n_is_rank, m_size,    n_size,
-                                      m_tiles,  n_tiles};
+                                      m_tiles,  n_tiles,   num_rows,  scale};
     launch_tiled<S>(prob, num_adapters * m_tiles * n_tiles);
   };
   if (m_size <= 16) {

@@ -11,7 +11,9 @@ for adapters of attention/MLP projections), and the separate
 ``add_shrink``/``add_expand`` that only fully sharded LoRA under tensor
 parallelism uses.
 
-``LORA_EXT_VLLM=0`` in the environment leaves vLLM's own wrapper in place.
+``LORA_EXT_VLLM=0`` in the environment leaves vLLM's own wrapper in place. On CUDA
+the plugin stays off unless ``LORA_EXT_VLLM=1``: lora_ext's CUDA kernels have not run
+on a GPU yet (``CUDA_KERNELS_CHECKED``; the log says so). On the CPU it is on.
 vLLM logs the wrapper it uses ("Using LoRAExtPunicaWrapper.").
 """
 
@@ -28,6 +30,10 @@ from lora_ext import ops as _ops
 _logger = logging.getLogger("vllm.lora_ext")
 
 ENV_SWITCH = "LORA_EXT_VLLM"
+# Whether scripts/gpu_check.sh has passed on a GPU with this code. Until it has, the CUDA
+# kernels are compile-checked only, and vLLM on CUDA keeps its own (tested) kernels
+# unless LORA_EXT_VLLM=1 asks for ours.
+CUDA_KERNELS_CHECKED = False
 _WRAPPER_NAME = "LoRAExtPunicaWrapper"
 _WRAPPER_QUALNAME = f"{__name__}.{_WRAPPER_NAME}"
 # The qualname the platform named before register() replaced it (per process).
@@ -37,6 +43,11 @@ _base_wrapper_qualname: Optional[str] = None
 def enabled() -> bool:
     """False only when ``LORA_EXT_VLLM=0``."""
     return os.environ.get(ENV_SWITCH, "1").strip() != "0"
+
+
+def opted_in() -> bool:
+    """True only when ``LORA_EXT_VLLM=1``: the plugin is wanted even on CUDA."""
+    return os.environ.get(ENV_SWITCH, "").strip() == "1"
 
 
 def register() -> None:
@@ -53,6 +64,14 @@ def register() -> None:
         return
     if not (current_platform.is_cpu() or current_platform.is_cuda()):
         _logger.info("lora_ext: no kernels for platform %s; vLLM's punica wrapper stays", platform.__name__)
+        return
+    if current_platform.is_cuda() and not (CUDA_KERNELS_CHECKED or opted_in()):
+        _logger.warning(
+            "lora_ext: vLLM's own punica wrapper stays in use on CUDA: lora_ext's CUDA kernels "
+            "have only been compile-checked, not run on a GPU (scripts/gpu_check.sh has not "
+            "passed yet); set %s=1 to use them anyway",
+            ENV_SWITCH,
+        )
         return
     _base_wrapper_qualname = current
     platform.get_punica_wrapper = classmethod(lambda cls: _WRAPPER_QUALNAME)
