@@ -111,7 +111,7 @@ def run_multi_lora(name, description, device, dtype, case: MultiLoraCase, pass_r
     return res
 
 
-def _distinct_indices(tokens: int, adapters: int) -> torch.Tensor:
+def distinct_indices(tokens: int, adapters: int) -> torch.Tensor:
     if tokens <= adapters:
         return torch.randperm(adapters)[:tokens]
     return torch.arange(tokens) % adapters
@@ -122,7 +122,7 @@ def multi_lora_workloads(device, dtype, args, ceil, selected) -> list[dict]:
     fixed = Fixed()
     out = []
     if "W1" in selected:
-        case = MultiLoraCase(device, dtype, Td, H, [r] * N, _distinct_indices(Td, N))
+        case = MultiLoraCase(device, dtype, Td, H, [r] * N, distinct_indices(Td, N))
         out.append(run_multi_lora("W1", f"decode, distinct: T={Td}, {N} adapters, every row its own, r={r}",
                                   device, dtype, case, False, ceil, args))
     if "W2" in selected:
@@ -142,7 +142,7 @@ def multi_lora_workloads(device, dtype, args, ceil, selected) -> list[dict]:
     if "W4" in selected:
         choices = fixed.w4_ranks
         ranks = [choices[int(k)] for k in torch.randint(0, len(choices), (N,))]
-        idx = _distinct_indices(Td, N)
+        idx = distinct_indices(Td, N)
         mean = sum(ranks[i] for i in idx.tolist()) / len(idx)
         mean_rank = round(mean)
         case = MultiLoraCase(device, dtype, Td, H, ranks, idx)
