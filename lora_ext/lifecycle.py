@@ -274,11 +274,11 @@ class AdapterManager:
         ``modules``: ``named_modules(model)`` if the caller has it (a walk costs per load).
         """
         modules = modules if modules is not None else named_modules(model)
-        found = self.check_plan(model, name, plan, modules)
-        self.attach_pin_hooks(model)
         layers = []
         by_path = None
-        with self._lock:
+        with self._lock:  # checked under the lock: two loads of one name cannot both pass
+            found = self.check_plan(model, name, plan, modules)
+            self.attach_pin_hooks(model)
             for path, module in found.items():
                 if not isinstance(module, AdapterLayer):
                     by_path = by_path or dict(modules)
