@@ -16,9 +16,9 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from .lifecycle import AdapterPlan, LayerPlan, layer_kind, lora_layers, manager_of, named_modules, supported_kinds
+from .lifecycle import AdapterPlan, LayerPlan, cannot_add_reason, layer_kind, lora_layers, manager_of, named_modules, supported_kinds
 from .model import list_adapters, resolve_targets
-from .storage import AdapterLayer, AdapterSpec
+from .storage import AdapterSpec
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -398,17 +398,14 @@ def _plan(model: nn.Module, config: dict, tensors: Mapping, where: str, modules:
         module = by_path.get(module_path) if module_path else None
         if module is None:
             raise ValueError(f"{where}: the model has no module {module_path!r}")
-        if isinstance(module, AdapterLayer):
-            reason = module.cannot_add_reason()
-            if reason is not None:
-                raise ValueError(f"{where}: {module_path}: {reason}")
-            kind = type(module)
-        elif layer_kind(module) is not None:
-            kind = layer_kind(module)
-        else:
+        kind = layer_kind(module)
+        if kind is None:
             raise ValueError(
                 f"{where}: {module_path} is a {type(module).__name__}; supported layers: {supported_kinds()}"
             )
+        reason = cannot_add_reason(module)  # before the shapes: a shard's are its own
+        if reason is not None:
+            raise ValueError(f"{where}: {module_path}: {reason}")
         if _is_dtensor(module.weight):
             raise ValueError(
                 f"{where}: {module_path} is sharded (FSDP2); load adapters before fully_shard"

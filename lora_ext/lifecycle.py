@@ -46,11 +46,19 @@ def register_layer_kind(base_type: type, layer_class: Callable) -> None:
 
 
 def layer_kind(module: nn.Module) -> Optional[Callable]:
-    """The layer class for ``module`` (None: no LoRA layer kind takes it)."""
+    """The layer class that holds adapters on ``module``: its own for a LoRA layer, the
+    registered kind for a plain module (None: no LoRA layer kind takes it)."""
+    if isinstance(module, AdapterLayer):
+        return type(module)
     for base_type, layer_class in _LAYER_KINDS:
         if isinstance(module, base_type):
             return layer_class
     return None
+
+
+def cannot_add_reason(module: nn.Module) -> Optional[str]:
+    """Why ``module`` takes no new adapter (a sharded layer says so); None: it does."""
+    return module.cannot_add_reason() if isinstance(module, AdapterLayer) else None
 
 
 def supported_kinds() -> str:
@@ -254,15 +262,14 @@ class AdapterManager:
             module = by_path.get(path)
             if module is None:
                 raise ValueError(f"the model has no module {path!r}")
-            if isinstance(module, AdapterLayer):
-                reason = module.cannot_add_reason()
-                if reason is not None:
-                    raise ValueError(f"{path}: {reason}")
-            elif layer_kind(module) is None:
+            if layer_kind(module) is None:
                 raise TypeError(
                     f"module {path!r} is a {type(module).__name__}; lora_ext supports {supported_kinds()}"
                 )
-            elif not path:
+            reason = cannot_add_reason(module)
+            if reason is not None:
+                raise ValueError(f"{path}: {reason}")
+            if not path and not isinstance(module, AdapterLayer):
                 raise ValueError("the model itself is a plain layer; wrap it in a LoRA layer directly")
             found[path] = module
         return found

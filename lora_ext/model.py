@@ -59,7 +59,7 @@ def resolve_targets(model: nn.Module, target_modules: TargetModules, modules: Op
         return [
             n
             for n, m in modules
-            if (isinstance(m, AdapterLayer) or layer_kind(m) is not None) and m is not output and n
+            if layer_kind(m) is not None and m is not output and n
         ]
     if not isinstance(target_modules, str):
         target_modules = list(target_modules)
@@ -69,7 +69,7 @@ def resolve_targets(model: nn.Module, target_modules: TargetModules, modules: Op
     for name, module in modules:
         if not name or not _matches(name, target_modules):
             continue
-        if not isinstance(module, AdapterLayer) and layer_kind(module) is None:
+        if layer_kind(module) is None:
             raise TypeError(
                 f"target module {name!r} is a {type(module).__name__}; lora_ext supports {supported_kinds()}"
             )
