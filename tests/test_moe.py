@@ -1,0 +1,143 @@
+"""LoRA on mixture-of-experts layers: the moe_lora op (float64 reference, opcheck,
+gradcheck) and the experts layer kind against PEFT's ``target_parameters`` on tiny random
+Qwen3-MoE and GPT-OSS models."""
+
+import pytest
+import torch
+
+import lora_ext
+from lora_ext import ops
+
+TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float64: 1e-10}
+
+
+def moe_problem(P=37, C=3, E=5, R=4, in_=24, out=20, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(P, in_, generator=g).to(dtype)
+    a = torch.randn(C, E, R, in_, generator=g).to(dtype)
+    b = torch.randn(C, E, out, R, generator=g).to(dtype)
+    experts = torch.randint(0, E, (P,), generator=g)
+    adapters = torch.randint(-1, C, (P,), generator=g)
+    scales = torch.rand(C, generator=g) + 0.5
+    ranks = torch.randint(1, R + 1, (C,), generator=g)
+    base = torch.randn(P, out, generator=g).to(dtype)
+    return x, a, b, experts, adapters, scales, ranks, base
+
+
+def reference(x, a, b, experts, adapters, scales, ranks, base):
+    """Row by row in float64."""
+    y = base.double().clone()
+    for p in range(x.shape[0]):
+        c, e = int(adapters[p]), int(experts[p])
+        if c < 0:
+            continue
+        r = int(ranks[c])
+        y[p] += float(scales[c]) * (b[c, e, :, :r].double() @ (a[c, e, :r].double() @ x[p].double()))
+    return y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("P", [1, 37, 300])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=str)
+def test_moe_lora_matches_float64(dtype, P, index_dtype):
+    x, a, b, experts, adapters, scales, ranks, base = moe_problem(P=P, dtype=dtype, seed=P)
+    experts, adapters = experts.to(index_dtype), adapters.to(index_dtype)
+    want = reference(x, a, b, experts, adapters, scales, ranks, base)
+    got = ops.moe_lora(x, a, b, experts, adapters, scales, ranks, base)
+    scale = want.abs().max().item()
+    assert (got.double() - want).abs().max().item() <= TOL[dtype] * scale
+    y = base.clone()
+    ops.moe_lora_add_(y, x, a, b, experts, adapters, scales, ranks)
+    assert torch.equal(y, got)
+    # Without base: the update alone; without ranks: every adapter at full rank R.
+    zero = torch.zeros_like(base)
+    full = torch.full_like(ranks, a.shape[2])
+    want0 = reference(x, a, b, experts, adapters, scales, full, zero)
+    got0 = ops.moe_lora(x, a, b, experts, adapters, scales)
+    assert (got0.double() - want0).abs().max().item() <= TOL[dtype] * want0.abs().max().item()
+
+
+def test_moe_lora_rows_without_adapter_keep_base():
+    x, a, b, experts, adapters, scales, ranks, base = moe_problem()
+    adapters[:] = -1
+    assert torch.equal(ops.moe_lora(x, a, b, experts, adapters, scales, ranks, base), base)
+
+
+def test_moe_lora_backward_matches_float64():
+    x, a, b, experts, adapters, scales, ranks, base = moe_problem(P=50)
+    leaves = [t.double().requires_grad_() for t in (x, a, b, base)]
+    want = reference(leaves[0], leaves[1], leaves[2], experts, adapters, scales, ranks, leaves[3])
+    g = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, leaves, g)
+    got_leaves = [t.clone().requires_grad_() for t in (x, a, b, base)]
+    got = ops.moe_lora(got_leaves[0], got_leaves[1], got_leaves[2], experts, adapters, scales, ranks, got_leaves[3])
+    got_grads = torch.autograd.grad(got, got_leaves, g.float())
+    for w, gg in zip(want_grads, got_grads):
+        assert (gg.double() - w).abs().max().item() <= 1e-4 * max(w.abs().max().item(), 1.0)
+
+
+def test_moe_lora_gradcheck():
+    x, a, b, experts, adapters, scales, ranks, base = moe_problem(P=9, C=2, E=3, R=3, in_=5, out=4, dtype=torch.float64)
+    args = [t.requires_grad_() for t in (x, a, b)]
+    base.requires_grad_()
+    fn = lambda x, a, b, base: ops.moe_lora(x, a, b, experts, adapters, scales, ranks, base)
+    assert torch.autograd.gradcheck(fn, (*args, base))
+
+
+def test_moe_lora_opcheck():
+    x, a, b, experts, adapters, scales, ranks, base = moe_problem(P=11)
+    for t in (x, a, b, base):
+        t.requires_grad_()
+    torch.library.opcheck(torch.ops.lora_ext.moe_lora.default, (x, a, b, experts, adapters, scales, ranks, base))
+    torch.library.opcheck(torch.ops.lora_ext.moe_lora.default, (x, a, b, experts, adapters, scales, None, None))
+    y = base.detach().clone()
+    torch.library.opcheck(
+        torch.ops.lora_ext.moe_lora_add_.default, (y, x.detach(), a.detach(), b.detach(), experts, adapters, scales, ranks)
+    )
+    g = torch.randn(x.shape[0], b.shape[2])
+    torch.library.opcheck(
+        torch.ops.lora_ext.moe_lora_backward.default,
+        (g, x.detach(), a.detach(), b.detach(), experts, adapters, scales, ranks, [True, True, True]),
+    )
+
+
+def test_moe_lora_compiles():
+    x, a, b, experts, adapters, scales, ranks, base = moe_problem()
+    fn = torch.compile(ops.moe_lora, fullgraph=True)
+    assert torch.equal(fn(x, a, b, experts, adapters, scales, ranks, base), ops.moe_lora(x, a, b, experts, adapters, scales, ranks, base))
+
+
+def _set(position, value):
+    def change(args):
+        args[position] = value(args[position])
+    return change
+
+
+def _set_row(position, row, value):
+    def change(args):
+        t = args[position].clone()
+        t[row] = value
+        args[position] = t
+    return change
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (_set_row(3, 3, 5), "experts\\[3\\] = 5 is out of range"),
+        (_set_row(4, 4, -2), "adapters\\[4\\] = -2 is out of range"),
+        (_set_row(6, 2, 9), "ranks\\[2\\] = 9 is out of range"),
+        (_set(2, lambda t: t[:, :4]), "b_stack.size\\(1\\)"),
+        (_set(1, lambda t: t[0]), "a_stack must be 4-D"),
+        (_set(2, lambda t: t.double()), "b_stack has dtype"),
+        (_set(3, lambda t: t.float()), "experts must be int32 or int64"),
+    ],
+)
+def test_moe_lora_bad_input_leaves_y_unchanged(change, message):
+    args = list(moe_problem())
+    base = args.pop()
+    change(args)
+    y = base.clone()
+    with pytest.raises(RuntimeError, match=message):
+        ops.moe_lora_add_(y, *args)
+    assert torch.equal(y, base)
