@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from .lifecycle import AdapterPlan, LayerPlan, cannot_add_reason, layer_kind, lora_layers, manager_of, named_modules, supported_kinds
+from .lifecycle import parameter_target
+from . import moe
 from .model import list_adapters, resolve_targets
 from .storage import AdapterSpec
 
@@ -33,7 +35,6 @@ _UNSUPPORTED = {
     "lora_bias": "trained LoRA biases",
     "trainable_token_indices": "trainable tokens",
     "alora_invocation_tokens": "activated LoRA",
-    "target_parameters": "LoRA on parameters (target_parameters)",
     "use_qalora": "QA-LoRA",
 }
 
@@ -386,6 +387,7 @@ def _plan(model: nn.Module, config: dict, tensors: Mapping, where: str, modules:
         pairs.setdefault(module_path, {})[which] = tensor
     if not pairs:
         raise ValueError(f"{where} holds no LoRA weights")
+    pairs = moe.from_peft_pairs(pairs, config, by_path, where)  # expert parameters: our names and shapes
     r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     dropout = float(config.get("lora_dropout", 0.0) or 0.0)
@@ -396,6 +398,16 @@ def _plan(model: nn.Module, config: dict, tensors: Mapping, where: str, modules:
             missing = ({"lora_A", "lora_B"} - set(pair)).pop()
             raise ValueError(f"{where}: {module_path} has no {missing}.weight")
         module = by_path.get(module_path) if module_path else None
+        a, b = pair["lora_A"], pair["lora_B"]
+        r = _pattern_value(rank_pattern, module_path, r_default)
+        target = parameter_target(by_path, module_path) if module is None else None
+        if target is not None:  # a parameter a wrapper will adapt (a mixture's experts)
+            problem = target.weights_problem(a, b, r)
+            if problem is not None:
+                raise ValueError(f"{where}: {module_path} {problem}")
+            alpha = _pattern_value(alpha_pattern, module_path, alpha_default)
+            plan.layers[module_path] = LayerPlan(_shared_spec(int(r), float(alpha), 0.0, rslora), a, b)
+            continue
         if module is None:
             raise ValueError(f"{where}: the model has no module {module_path!r}")
         kind = layer_kind(module)
@@ -410,8 +422,6 @@ def _plan(model: nn.Module, config: dict, tensors: Mapping, where: str, modules:
             raise ValueError(
                 f"{where}: {module_path} is sharded (FSDP2); load adapters before fully_shard"
             )
-        a, b = pair["lora_A"], pair["lora_B"]
-        r = _pattern_value(rank_pattern, module_path, r_default)
         problem = kind.weights_problem(module, a, b, r)
         if problem is not None:
             raise ValueError(f"{where}: {module_path} {problem}")
@@ -420,7 +430,8 @@ def _plan(model: nn.Module, config: dict, tensors: Mapping, where: str, modules:
         alpha = _pattern_value(alpha_pattern, module_path, alpha_default)
         plan.layers[module_path] = LayerPlan(_shared_spec(int(r), float(alpha), dropout, rslora), a, b)
     _check_finite(plan, where)
-    _check_targets(model, config, set(plan.layers), where, modules)
+    module_paths = {p for p in plan.layers if not isinstance(by_path.get(p), moe.ExpertsProjection) and p in by_path}
+    _check_targets(model, config, module_paths, where, modules)
     return plan
 
 

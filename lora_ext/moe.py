@@ -1,0 +1,338 @@
+"""LoRA on a mixture of experts' fused expert weights.
+
+transformers keeps a MoE layer's experts as 3-D parameters of one module
+(``Qwen3MoeExperts``, ``OlmoeExperts``: ``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``;
+``GptOssExperts``: ``gate_up_proj [E, H, 2I]``, ``down_proj [E, I, H]`` plus biases, its own
+clamped, interleaved gate). PEFT adapts them with ``target_parameters`` (one LoRA per
+parameter, one ``[r, in]`` / ``[out, r]`` block per expert). Here:
+
+- An experts module is recognised by what it holds, not by its class
+  (:func:`experts_layout`): 3-D ``gate_up_proj`` and ``down_proj`` with a common expert
+  count; the layout comes from transformers' ``is_transposed`` flag when it sets one, else
+  from the shapes; ``*_bias`` parameters are added when present; the activation is the
+  module's own ``_apply_gate`` when it has one (GPT-OSS), else ``act_fn`` on the two halves.
+- Each adapted parameter is an :class:`ExpertsProjection`, a small kind on the shared
+  slot storage (:class:`~lora_ext.storage.AdapterLayer`) whose adapters carry one block per
+  expert (``factor_shapes``: A ``[E, r, in]``, B ``[E, out, r]``), so its stacks are
+  ``[C, E, R, in]`` and ``[C, E, out, R]`` and the model's slots, lifecycle, selection
+  and pool serve it unchanged. A plan names it ``<experts path>.<parameter>``
+  (``lifecycle.register_parameter_kind``).
+- :class:`LoRAExperts` replaces the experts module (kept untouched as ``base_layer``) and
+  re-implements its loop: the routed (token, expert) pairs sorted by expert once, the base
+  GEMMs per expert as transformers does them, and each projection's adapters added by one
+  :func:`~lora_ext.ops.moe_lora` call over all pairs (grouped by expert and adapter in
+  C++; no expert's weight update is formed). Router, shared experts and attention are
+  untouched, so adapters on attention (``LoRALinear``) and experts mix in one model and
+  one ``set_adapter(model, [per-row names])``.
+
+Dropout is not applied on expert adapters (PEFT refuses it there too).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import ops
+from .lifecycle import AdapterManager, register_parameter_kind
+from .storage import AdapterLayer
+
+PROJECTIONS = ("gate_up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ExpertsLayout:
+    """Shapes of a fused experts module: ``transposed``: weights are ``[E, in, out]``
+    (``x @ W[e]``) rather than ``[E, out, in]`` (``F.linear(x, W[e])``)."""
+
+    num_experts: int
+    hidden: int
+    intermediate: int
+    transposed: bool
+
+    def features(self, parameter: str) -> tuple[int, int]:
+        """``(in, out)`` of one expert of ``parameter``."""
+        if parameter == "gate_up_proj":
+            return self.hidden, 2 * self.intermediate
+        return self.intermediate, self.hidden
+
+
+def experts_layout(module: nn.Module) -> Optional[ExpertsLayout]:
+    """The layout of a fused experts module (None: ``module`` is not one)."""
+    params = module._parameters
+    gate_up, down = params.get("gate_up_proj"), params.get("down_proj")
+    if gate_up is None or down is None or gate_up.dim() != 3 or down.dim() != 3:
+        return None
+    if gate_up.shape[0] != down.shape[0]:
+        return None
+    e, g1, g2 = gate_up.shape
+    _, d1, d2 = down.shape
+    plain = g1 % 2 == 0 and g2 == d1 and d2 == g1 // 2  # [E, 2I, H], [E, H, I]
+    transposed = g2 % 2 == 0 and g1 == d2 and d1 == g2 // 2  # [E, H, 2I], [E, I, H]
+    flag = getattr(module, "is_transposed", None)
+    if isinstance(flag, bool):
+        if (transposed if flag else plain) is False:
+            return None
+        is_transposed = flag
+    elif plain == transposed:  # neither, or ambiguous (H == I)
+        return None
+    else:
+        is_transposed = transposed
+    if is_transposed:
+        return ExpertsLayout(e, g1, g2 // 2, True)
+    return ExpertsLayout(e, g2, g1 // 2, False)
+
+
+def adapted_parameters(module: nn.Module) -> tuple[str, ...]:
+    """The parameters of ``module`` that take expert adapters (none: not an experts module)."""
+    return PROJECTIONS if experts_layout(module) is not None else ()
+
+
+def _factors_problem(expected, a: Tensor, b: Tensor) -> Optional[str]:
+    expected_a, expected_b = expected
+    if tuple(a.shape) != expected_a or tuple(b.shape) != expected_b:
+        return (
+            f"expects lora_A {list(expected_a)} and lora_B {list(expected_b)} "
+            f"([experts, r, in] / [experts, out, r]), got {list(a.shape)} and {list(b.shape)}"
+        )
+    return None
+
+
+class ExpertsProjection(AdapterLayer):
+    """Adapters on one fused expert parameter: per adapter ``lora_A [E, r, in]`` and
+    ``lora_B [E, out, r]`` (expert e adds ``scale * B[e] @ A[e] @ x`` to its projection)."""
+
+    def __init__(self, experts: nn.Module, parameter: str, layout: ExpertsLayout, manager: AdapterManager):
+        super().__init__(manager)
+        self.parameter = parameter
+        self.layout = layout
+        self.num_experts = layout.num_experts
+        self.in_features, self.out_features = layout.features(parameter)
+        self._owner = (experts,)  # not a child: LoRAExperts holds it as base_layer
+
+    @property
+    def weight(self) -> Tensor:
+        """The base parameter (``[E, out, in]``, or ``[E, in, out]`` when transposed)."""
+        return self._owner[0]._parameters[self.parameter]
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        return self._owner[0]._parameters.get(self.parameter + "_bias")
+
+    def adapter_options(self) -> dict:
+        w = self.weight
+        return dict(device=w.device, dtype=w.dtype)
+
+    def factor_shapes(self, r: int):
+        e = self.num_experts
+        return (e, r, self.in_features), (e, self.out_features, r)
+
+    @classmethod
+    def weights_problem(cls, module, a: Tensor, b: Tensor, r: int) -> Optional[str]:
+        return _factors_problem(module.factor_shapes(r), a, b)
+
+    def extra_repr(self) -> str:
+        adapters = ", ".join(f"{n}(r={s.r})" for n, s in self.specs.items())
+        return (
+            f"{self.parameter}: experts={self.num_experts}, in_features={self.in_features}, "
+            f"out_features={self.out_features}, adapters=[{adapters}]"
+        )
+
+    # -- forward pieces (LoRAExperts calls these) ------------------------------------------
+    def forward_base(self, x: Tensor, counts: list[int]) -> Tensor:
+        """Each expert's base projection of its rows (``x`` sorted by expert, ``counts``
+        rows per expert), one GEMM per expert as transformers does."""
+        w, bias = self.weight, self.bias
+        outs, start = [], 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            rows = x[start : start + n]
+            y = rows @ w[e] if self.layout.transposed else F.linear(rows, w[e])
+            outs.append(y if bias is None else y + bias[e])
+            start += n
+        if not outs:
+            return x.new_zeros(0, self.out_features)
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def add_adapters(self, y: Tensor, x: Tensor, experts: Tensor, pair_tokens: Tensor, tokens: Tensor, selection) -> Tensor:
+        """``y`` plus every pair's adapter update. ``pair_tokens``: each pair's token row,
+        ``tokens``: the experts module's input (the selection's rows are its rows)."""
+        buffers = self._buffers
+        if buffers["_a_stack"] is None:
+            return y
+        slot = selection.uniform_slot
+        if slot is not None and (slot < 0 or self.slot_adapter(slot)[1] is None):
+            return y
+        if not (
+            self.reads_params(selection.used_names, needs_grad=x.requires_grad)
+            or x.dtype != buffers["_a_stack"].dtype
+            or torch.is_autocast_enabled(x.device.type)
+        ):
+            adapters = selection.row_index(tokens)[pair_tokens]
+            ops.moe_lora_add_(y, x, buffers["_a_stack"], buffers["_b_stack"], experts, adapters,
+                              buffers["_scales"], buffers["_ranks"])
+            return y
+        if self.reads_params(selection.used_names):
+            a, b, scales, ranks, _ = self.stack_params(selection.used_names, x.dtype)
+            adapters = selection.row_index(tokens, compact=True)[pair_tokens]
+        else:
+            a, b, scales, ranks, _ = self.slot_stacks(x.dtype)
+            adapters = selection.row_index(tokens)[pair_tokens]
+        return ops.moe_lora(x, a, b, experts, adapters, scales, ranks, y)
+
+
+class LoRAExperts(nn.Module):
+    """A fused experts module with adapters on ``gate_up_proj`` and ``down_proj``.
+
+    Called as the experts module is: ``(hidden_states [T, H], top_k_index [T, K],
+    top_k_weights [T, K]) -> [T, H]``. With no adapter selected (or none here) it calls
+    the wrapped module itself.
+    """
+
+    def __init__(self, experts: nn.Module, manager: AdapterManager):
+        super().__init__()
+        layout = experts_layout(experts)
+        if layout is None:
+            raise TypeError(f"{type(experts).__name__} holds no fused gate_up_proj/down_proj experts")
+        self.base_layer = experts
+        for p in experts.parameters():
+            p.requires_grad_(False)
+        self.layout = layout
+        self.num_experts = layout.num_experts
+        for parameter in PROJECTIONS:
+            self.add_module(parameter, ExpertsProjection(experts, parameter, layout, manager))
+
+    @classmethod
+    def weights_problem(cls, experts: nn.Module, parameter: str, a: Tensor, b: Tensor, r: int) -> Optional[str]:
+        """Why ``(a, b)`` do not fit ``parameter`` of the plain ``experts`` (None: they do)."""
+        layout = experts_layout(experts)
+        fan_in, fan_out = layout.features(parameter)
+        e = layout.num_experts
+        return _factors_problem(((e, r, fan_in), (e, fan_out, r)), a, b)
+
+    @property
+    def manager(self) -> AdapterManager:
+        return self.gate_up_proj.manager
+
+    def activation(self, gate_up: Tensor) -> Tensor:
+        base = self.base_layer
+        if hasattr(base, "_apply_gate"):  # GPT-OSS: interleaved, clamped
+            return base._apply_gate(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return base.act_fn(gate) * up
+
+    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        selection = self.manager.selection.active()
+        projections = (self.gate_up_proj, self.down_proj)
+        if selection is None or all(p._buffers["_a_stack"] is None for p in projections):
+            return self.base_layer(hidden_states, top_k_index, top_k_weights)
+        if selection.uniform_slot is not None and all(
+            p._buffers["_a_stack"] is None or selection.uniform_slot < 0 or p.slot_adapter(selection.uniform_slot)[1] is None
+            for p in projections
+        ):
+            return self.base_layer(hidden_states, top_k_index, top_k_weights)
+        num_experts, top_k = self.num_experts, top_k_index.shape[-1]
+        flat = top_k_index.reshape(-1)
+        # The routed pairs sorted by expert, once; an index E (some routers' "no expert") sorts last and is dropped.
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts].tolist()
+        order = order[: sum(counts)]
+        experts = flat[order]
+        pair_tokens = order // top_k
+        x = hidden_states[pair_tokens]
+        h = self.gate_up_proj.forward_base(x, counts)
+        h = self.gate_up_proj.add_adapters(h, x, experts, pair_tokens, hidden_states, selection)
+        h = self.activation(h)
+        y = self.down_proj.forward_base(h, counts)
+        y = self.down_proj.add_adapters(y, h, experts, pair_tokens, hidden_states, selection)
+        y = y * top_k_weights.reshape(-1)[order, None]
+        out = torch.zeros_like(hidden_states)
+        return out.index_add_(0, pair_tokens, y.to(out.dtype))
+
+
+register_parameter_kind(adapted_parameters, LoRAExperts)
+
+
+# -- PEFT's file layouts -----------------------------------------------------------------------
+# PEFT's target_parameters keys: one ParamWrapper per parameter, nested in the module's
+# parameter order (the first adapted parameter innermost): with k adapted parameters of one
+# experts module, the j-th one's keys carry k-1-j ".base_layer". Its lora_A is
+# [r * E, in] (expert-major rows), its lora_B [out, r * E] (expert-minor columns).
+
+
+def _experts_at(by_path: dict, path: str) -> Optional[nn.Module]:
+    module = by_path.get(path)
+    if isinstance(module, LoRAExperts):
+        return module.base_layer
+    return module if module is not None and experts_layout(module) is not None else None
+
+
+def _targeted(experts: nn.Module, path: str, target_parameters) -> list[str]:
+    """The parameters of ``experts`` (at ``path``) PEFT's ``target_parameters`` select, in module order."""
+    out = []
+    for name in PROJECTIONS + tuple(n for n in experts._parameters if n not in PROJECTIONS):
+        key = f"{path}.{name}"
+        if any(key == t or key.endswith("." + t) for t in target_parameters):
+            out.append(name)
+    return [n for n in experts._parameters if n in out]
+
+
+def from_peft_pairs(pairs: dict, config: dict, by_path: dict, where: str) -> dict:
+    """``pairs`` (module path -> {"lora_A", "lora_B"}) with PEFT's target_parameters entries
+    renamed ``<experts>.<parameter>`` and reshaped to ``[E, r, in]`` / ``[E, out, r]``."""
+    targets = config.get("target_parameters") or []
+    if isinstance(targets, str):
+        targets = [targets]
+    out = {}
+    for path, pair in pairs.items():
+        host, depth = path, 0
+        while _experts_at(by_path, host) is None and host.endswith(".base_layer"):
+            host, depth = host[: -len(".base_layer")], depth + 1
+        experts = _experts_at(by_path, host)
+        if experts is None or not targets:
+            out[path] = pair
+            continue
+        names = _targeted(experts, host, targets)
+        if depth >= len(names):
+            raise ValueError(
+                f"{where}: {path} does not match target_parameters {targets!r} (the module's "
+                f"adapted parameters: {names})"
+            )
+        parameter = names[len(names) - 1 - depth]
+        if parameter not in PROJECTIONS:
+            raise ValueError(f"{where}: LoRA on {host}.{parameter} is not supported (only {', '.join(PROJECTIONS)})")
+        e = experts_layout(experts).num_experts
+        a, b = pair.get("lora_A"), pair.get("lora_B")
+        if a is None or b is None:
+            out[f"{host}.{parameter}"] = pair  # reported by the caller
+            continue
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] % e or b.shape[1] != a.shape[0]:
+            raise ValueError(
+                f"{where}: {host}.{parameter}: expected PEFT's expert layout lora_A [r * {e}, in] "
+                f"and lora_B [out, r * {e}] for {e} experts, got {list(a.shape)} and {list(b.shape)}"
+            )
+        r = a.shape[0] // e
+        out[f"{host}.{parameter}"] = {
+            "lora_A": a.reshape(e, r, a.shape[1]),
+            "lora_B": b.reshape(b.shape[0], r, e).permute(2, 0, 1),
+        }
+    return out
+
+
+def to_peft(path: str, layer: ExpertsProjection, a: Tensor, b: Tensor, adapted: list[str]) -> dict:
+    """PEFT's keys and shapes for ``layer``'s ``(a [E, r, in], b [E, out, r])``; ``adapted``:
+    the parameters of its experts module that this adapter adapts (they nest in that order)."""
+    host = path.rpartition(".")[0]
+    order = [n for n in layer._owner[0]._parameters if n in adapted]
+    depth = len(order) - 1 - order.index(layer.parameter)
+    prefix = host + ".base_layer" * depth
+    e, r = a.shape[0], a.shape[1]
+    return {
+        f"{prefix}.lora_A.weight": a.reshape(e * r, a.shape[2]),
+        f"{prefix}.lora_B.weight": b.permute(1, 2, 0).reshape(b.shape[1], r * e),
+    }
