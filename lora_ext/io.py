@@ -88,10 +88,13 @@ def save_adapter(
     r = Counter(s.r for s in specs.values()).most_common(1)[0][0]
     alpha = Counter(s.alpha for s in specs.values()).most_common(1)[0][0]
     dropout = Counter(s.dropout for s in specs.values()).most_common(1)[0][0]
+    # Expert parameters are PEFT's target_parameters; the rest its target_modules.
+    expert_paths = sorted(n for n, m in layers if isinstance(m, moe.ExpertsProjection))
+    module_paths = [n for n in specs if n not in expert_paths]
     # Short target names when they select exactly these layers, full paths otherwise.
-    short = sorted({n.rpartition(".")[2] for n in specs})
+    short = sorted({n.rpartition(".")[2] for n in module_paths})
     try:
-        exact = set(resolve_targets(model, short)) == set(specs)
+        exact = set(resolve_targets(model, short)) == set(module_paths)
     except (ValueError, TypeError):
         exact = False
     config = {
@@ -102,7 +105,8 @@ def save_adapter(
         "lora_alpha": alpha,
         "lora_dropout": dropout,
         "use_rslora": rslora.pop(),
-        "target_modules": short if exact else sorted(specs),
+        "target_modules": (short if exact else sorted(module_paths)) if module_paths else None,
+        "target_parameters": expert_paths or None,
         "rank_pattern": {n: s.r for n, s in specs.items() if s.r != r},
         "alpha_pattern": {n: s.alpha for n, s in specs.items() if s.alpha != alpha},
         "bias": "none",
@@ -114,6 +118,12 @@ def save_adapter(
     }
     tensors = {}
     for n, m in layers:
+        if isinstance(m, moe.ExpertsProjection):
+            adapted = [p.rpartition(".")[2] for p in expert_paths if p.rpartition(".")[0] == n.rpartition(".")[0]]
+            peft = moe.to_peft(n, m, *m.full_weights(adapter_name), adapted)
+            for key, t in peft.items():
+                tensors[_PREFIX + key] = t.to(dtype or t.dtype).cpu().clone(memory_format=torch.contiguous_format)
+            continue
         for key, t in zip(("lora_A", "lora_B"), m.full_weights(adapter_name)):
             # a copy of its own: the parameter is a view into the layer's slot stack
             tensors[f"{_PREFIX}{n}.{key}.weight"] = t.to(dtype or t.dtype).cpu().clone(

@@ -141,3 +141,151 @@ def test_moe_lora_bad_input_leaves_y_unchanged(change, message):
     with pytest.raises(RuntimeError, match=message):
         ops.moe_lora_add_(y, *args)
     assert torch.equal(y, base)
+
+
+# ---------------------------------------------------------------------------
+# The experts layer kind against PEFT's target_parameters, on tiny random models.
+
+import copy  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from lora_ext.moe import ExpertsProjection, LoRAExperts  # noqa: E402
+
+TARGET_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def tiny_model(family: str, seed: int = 0, num_experts: int = 4):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, num_experts_per_tok=2, max_position_embeddings=64)
+    if family == "qwen3_moe":
+        config = transformers.Qwen3MoeConfig(intermediate_size=48, moe_intermediate_size=24,
+                                             num_experts=num_experts, **common)
+    else:
+        config = transformers.GptOssConfig(intermediate_size=24, num_local_experts=num_experts,
+                                           layer_types=["full_attention"] * 2, **common)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # GPT-OSS's biases start at zero: make them matter
+        for name, p in model.named_parameters():
+            if name.endswith("_bias"):
+                p.copy_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def peft_adapter(model, folder, seed, r=4, alpha=8, targets=("q_proj",), parameters=TARGET_PARAMETERS):
+    """A PEFT model on a copy of ``model`` with random (non-zero) weights, saved to ``folder``."""
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets) or None,
+                             target_parameters=list(parameters))
+    pm = peft.get_peft_model(copy.deepcopy(model), config).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    pm.save_pretrained(folder)
+    return pm
+
+
+FAMILIES = ["qwen3_moe", "gpt_oss"]
+
+
+def close(got, want, tol=2e-5):
+    return (got - want).abs().max().item() <= tol * max(want.abs().max().item(), 1.0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_adapter_matches_peft(family, tmp_path):
+    model = tiny_model(family)
+    pm = peft_adapter(model, tmp_path / "a", seed=1)
+    ids = torch.randint(0, 64, (3, 9))
+    with torch.no_grad():
+        want, base = pm(ids).logits, model(ids).logits
+    lora_ext.load_adapter(model, tmp_path / "a", "a")
+    experts = model.model.layers[0].mlp.experts
+    assert isinstance(experts, LoRAExperts) and isinstance(experts.gate_up_proj, ExpertsProjection)
+    with torch.no_grad():
+        got = model(ids).logits
+    assert not close(base, want)  # the adapter changes the output
+    assert close(got, want)
+    lora_ext.set_adapter(model, None)  # no adapter: the base model again
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, base)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mixed_rows_match_each_row_alone(family, tmp_path):
+    model = tiny_model(family)
+    peft_adapter(model, tmp_path / "a", seed=1)
+    peft_adapter(model, tmp_path / "b", seed=2, r=2, alpha=6, targets=(), parameters=["mlp.experts.gate_up_proj"])
+    lora_ext.load_adapter(model, tmp_path / "a", "a")
+    lora_ext.load_adapter(model, tmp_path / "b", "b")
+    ids = torch.randint(0, 64, (3, 9))
+    names = ["b", None, "a"]
+    with torch.no_grad():
+        lora_ext.set_adapter(model, names)
+        mixed = model(ids).logits
+        for row, name in enumerate(names):
+            lora_ext.set_adapter(model, name)
+            alone = model(ids[row : row + 1]).logits
+            assert close(mixed[row : row + 1], alone, 1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradients_match_peft(family, tmp_path):
+    model = tiny_model(family)
+    pm = peft_adapter(model, tmp_path / "a", seed=1)
+    pm.train()
+    ids = torch.randint(0, 64, (2, 8))
+    pm(ids, labels=ids).loss.backward()
+    lora_ext.load_adapter(model, tmp_path / "a", "a")
+    params = {}
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.requires_grad_(True)
+            params[name] = p
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    peft_params = dict(pm.named_parameters())
+    for layer in (0, 1):
+        host = f"model.layers.{layer}.mlp.experts"
+        for depth, parameter in ((1, "gate_up_proj"), (0, "down_proj")):
+            prefix = f"base_model.model.{host}" + ".base_layer" * depth
+            ga = peft_params[f"{prefix}.lora_A.default.weight"].grad
+            gb = peft_params[f"{prefix}.lora_B.default.weight"].grad
+            ours_a = params[f"{host}.{parameter}.lora_A.a"].grad
+            ours_b = params[f"{host}.{parameter}.lora_B.a"].grad
+            e, r = ours_a.shape[:2]
+            assert close(ours_a, ga.reshape(e, r, -1), 1e-4)
+            assert close(ours_b, gb.reshape(gb.shape[0], r, e).permute(2, 0, 1), 1e-4)
+        q = f"model.layers.{layer}.self_attn.q_proj"
+        assert close(params[f"{q}.lora_A.a"].grad, peft_params[f"base_model.model.{q}.lora_A.default.weight"].grad, 1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_round_trip_with_peft(family, tmp_path):
+    model = tiny_model(family)
+    peft_adapter(model, tmp_path / "a", seed=3)
+    clean = copy.deepcopy(model)
+    lora_ext.load_adapter(model, tmp_path / "a", "a")
+    lora_ext.save_adapter(model, tmp_path / "saved", "a")
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        ours = model(ids).logits
+        reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(clean), tmp_path / "saved").eval()
+        assert close(reloaded(ids).logits, ours)
+    again = copy.deepcopy(clean)
+    lora_ext.load_adapter(again, tmp_path / "saved", "a")
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, ours)
+
+
+def test_wrong_expert_count_is_refused_unchanged(tmp_path):
+    peft_adapter(tiny_model("qwen3_moe", num_experts=4), tmp_path / "a", seed=1, targets=())
+    model = tiny_model("qwen3_moe", num_experts=6)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="6 experts"):
+        lora_ext.load_adapter(model, tmp_path / "a", "a")
+    assert not any(isinstance(m, LoRAExperts) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
