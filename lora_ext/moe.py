@@ -291,7 +291,7 @@ def from_peft_pairs(pairs: dict, config: dict, by_path: dict, where: str) -> dic
     out = {}
     for path, pair in pairs.items():
         host, depth = path, 0
-        while _experts_at(by_path, host) is None and host.endswith(".base_layer"):
+        while host.endswith(".base_layer"):  # PEFT's nesting, not a module path of ours
             host, depth = host[: -len(".base_layer")], depth + 1
         experts = _experts_at(by_path, host)
         if experts is None or not targets:

@@ -218,11 +218,12 @@ def test_one_adapter_matches_peft(family, tmp_path):
 def test_mixed_rows_match_each_row_alone(family, tmp_path):
     model = tiny_model(family)
     peft_adapter(model, tmp_path / "a", seed=1)
-    peft_adapter(model, tmp_path / "b", seed=2, r=2, alpha=6, targets=(), parameters=["mlp.experts.gate_up_proj"])
-    lora_ext.load_adapter(model, tmp_path / "a", "a")
-    lora_ext.load_adapter(model, tmp_path / "b", "b")
-    ids = torch.randint(0, 64, (3, 9))
-    names = ["b", None, "a"]
+    peft_adapter(model, tmp_path / "b", seed=2, r=2, alpha=6, targets=())
+    peft_adapter(model, tmp_path / "c", seed=3, r=3, alpha=5, parameters=["mlp.experts.gate_up_proj"])
+    for name in "abc":
+        lora_ext.load_adapter(model, tmp_path / name, name)
+    ids = torch.randint(0, 64, (4, 9))
+    names = ["b", None, "a", "c"]
     with torch.no_grad():
         lora_ext.set_adapter(model, names)
         mixed = model(ids).logits
