@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .lifecycle import AdapterManager, register_parameter_kind
+from .merging import MergeRecord, check_unmerge, merge_exact, merge_is_finite, unmerge_exact
 from .storage import AdapterLayer
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
@@ -113,6 +114,8 @@ class ExpertsProjection(AdapterLayer):
         self.num_experts = layout.num_experts
         self.in_features, self.out_features = layout.features(parameter)
         self._owner = (experts,)  # not a child: LoRAExperts holds it as base_layer
+        self.merge_name: Optional[str] = None
+        self.merge_records: Optional[list[MergeRecord]] = None  # per expert; None: not exact
 
     @property
     def weight(self) -> Tensor:
@@ -141,6 +144,60 @@ class ExpertsProjection(AdapterLayer):
             f"{self.parameter}: experts={self.num_experts}, in_features={self.in_features}, "
             f"out_features={self.out_features}, adapters=[{adapters}]"
         )
+
+    # -- merging: expert by expert, each slice [out, in] (or [in, out]) as LoRALinear's weight --
+    @property
+    def merged_adapter(self) -> Optional[str]:
+        return self.merge_name
+
+    def _expert_factors(self, name: str) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Per expert ``(weight slice, a, b)`` with ``slice += scale * b @ a``."""
+        if name not in self.specs:
+            raise ValueError(f"adapter {name!r} is not in this layer")
+        w = self.weight.detach()
+        a, b = (p.detach().to(w.dtype) for p in (self.lora_A[name], self.lora_B[name]))
+        if self.layout.transposed:  # W[e] is [in, out]: += scale * A[e]^T B[e]^T
+            return [(w[e], b[e].T.contiguous(), a[e].T.contiguous()) for e in range(self.num_experts)]
+        return [(w[e], a[e].contiguous(), b[e].contiguous()) for e in range(self.num_experts)]
+
+    def merge_is_finite(self, name: str) -> bool:
+        scale = self.specs[name].scale
+        return all(merge_is_finite(w, a, b, scale) for w, a, b in self._expert_factors(name))
+
+    def merge(self, name: str, exact: bool = True) -> None:
+        """Add adapter ``name`` into every expert's weight; ``exact`` keeps per-expert
+        records (:mod:`lora_ext.merging`) so :meth:`unmerge` restores the bits."""
+        factors = self._expert_factors(name)
+        if self.merge_name is not None:
+            raise ValueError(f"adapter {self.merge_name!r} is already merged; unmerge it first")
+        scale = self.specs[name].scale
+        if not exact:
+            with torch.no_grad():
+                for w, a, b in factors:
+                    ops.merge_(w, a, b, scale)
+            return
+        records = [merge_exact(w, name, a, b, scale) for w, a, b in factors]
+        for record, (w, _, _) in zip(records, factors):  # the slices share one version counter
+            record.refresh_weight_state(w)
+        self.merge_name, self.merge_records = name, records
+
+    def check_unmerge(self) -> None:
+        if self.merge_records is not None:
+            for record, (w, a, b) in zip(self.merge_records, self._expert_factors(self.merge_name)):
+                check_unmerge(record, w, a, b)
+
+    def unmerge(self) -> None:
+        if self.merge_records is None:
+            return
+        self.check_unmerge()  # every expert before any is written
+        scale = self.specs[self.merge_name].scale
+        for record, (w, a, b) in zip(self.merge_records, self._expert_factors(self.merge_name)):
+            record.refresh_weight_state(w)  # the previous expert's unmerge bumped the shared counter
+            unmerge_exact(record, w, a, b, scale)
+        self.merge_name = self.merge_records = None
+
+    def forget_merge(self) -> None:
+        self.merge_name = self.merge_records = None
 
     # -- forward pieces (LoRAExperts calls these) ------------------------------------------
     def forward_base(self, x: Tensor, counts: list[int]) -> Tensor:
@@ -231,6 +288,14 @@ class LoRAExperts(nn.Module):
         projections = (self.gate_up_proj, self.down_proj)
         if selection is None or all(p._buffers["_a_stack"] is None for p in projections):
             return self.base_layer(hidden_states, top_k_index, top_k_weights)
+        merged = {p.merge_name for p in projections} - {None}
+        if merged:
+            if selection.is_uniform and selection.names[0] in (None, *merged):
+                return self.base_layer(hidden_states, top_k_index, top_k_weights)
+            raise RuntimeError(
+                f"adapter {merged.pop()!r} is merged into the experts' weights; call "
+                "unmerge_adapter before selecting other adapters or a mixed batch"
+            )
         if selection.uniform_slot is not None and all(
             p._buffers["_a_stack"] is None or selection.uniform_slot < 0 or p.slot_adapter(selection.uniform_slot)[1] is None
             for p in projections

@@ -290,3 +290,25 @@ def test_wrong_expert_count_is_refused_unchanged(tmp_path):
         lora_ext.load_adapter(model, tmp_path / "a", "a")
     assert not any(isinstance(m, LoRAExperts) for m in model.modules())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merge_and_exact_unmerge(family, tmp_path):
+    model = tiny_model(family)
+    peft_adapter(model, tmp_path / "a", seed=4)
+    lora_ext.load_adapter(model, tmp_path / "a", "a")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        want = model(ids).logits
+        lora_ext.merge_adapter(model, "a")
+        experts = model.model.layers[0].mlp.experts.base_layer
+        assert not torch.equal(experts.gate_up_proj, before["model.layers.0.mlp.experts.base_layer.gate_up_proj"])
+        assert close(model(ids).logits, want, 1e-4)
+        lora_ext.set_adapter(model, ["a", None])
+        with pytest.raises(RuntimeError, match="merged"):
+            model(ids)
+        lora_ext.set_adapter(model, "a")
+        lora_ext.unmerge_adapter(model)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
