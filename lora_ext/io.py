@@ -397,7 +397,7 @@ def _plan(model: nn.Module, config: dict, tensors: Mapping, where: str, modules:
         pairs.setdefault(module_path, {})[which] = tensor
     if not pairs:
         raise ValueError(f"{where} holds no LoRA weights")
-    pairs = moe.from_peft_pairs(pairs, config, by_path, where)  # expert parameters: our names and shapes
+    pairs, expert_specs = moe.from_peft_pairs(pairs, config, by_path, where)  # experts: our names and shapes
     r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     dropout = float(config.get("lora_dropout", 0.0) or 0.0)
@@ -410,12 +410,13 @@ def _plan(model: nn.Module, config: dict, tensors: Mapping, where: str, modules:
         module = by_path.get(module_path) if module_path else None
         a, b = pair["lora_A"], pair["lora_B"]
         r = _pattern_value(rank_pattern, module_path, r_default)
+        alpha = _pattern_value(alpha_pattern, module_path, alpha_default)
+        r, alpha = expert_specs.get(module_path, (r, alpha))  # experts' gate + up: rank 2r
         target = parameter_target(by_path, module_path) if module is None else None
         if target is not None:  # a parameter a wrapper will adapt (a mixture's experts)
             problem = target.weights_problem(a, b, r)
             if problem is not None:
                 raise ValueError(f"{where}: {module_path} {problem}")
-            alpha = _pattern_value(alpha_pattern, module_path, alpha_default)
             plan.layers[module_path] = LayerPlan(_shared_spec(int(r), float(alpha), 0.0, rslora), a, b)
             continue
         if module is None:
@@ -437,7 +438,6 @@ def _plan(model: nn.Module, config: dict, tensors: Mapping, where: str, modules:
             raise ValueError(f"{where}: {module_path} {problem}")
         if not (a.is_floating_point() and b.is_floating_point()):
             raise ValueError(f"{where}: {module_path} weights must be floating point, got {a.dtype}")
-        alpha = _pattern_value(alpha_pattern, module_path, alpha_default)
         plan.layers[module_path] = LayerPlan(_shared_spec(int(r), float(alpha), dropout, rslora), a, b)
     _check_finite(plan, where)
     module_paths = {p for p in plan.layers if not isinstance(by_path.get(p), moe.ExpertsProjection) and p in by_path}

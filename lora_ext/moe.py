@@ -30,6 +30,8 @@ Dropout is not applied on expert adapters (PEFT refuses it there too).
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -347,12 +349,16 @@ def _targeted(experts: nn.Module, path: str, target_parameters) -> list[str]:
     return [n for n in experts._parameters if n in out]
 
 
-def from_peft_pairs(pairs: dict, config: dict, by_path: dict, where: str) -> dict:
-    """``pairs`` (module path -> {"lora_A", "lora_B"}) with PEFT's target_parameters entries
-    renamed ``<experts>.<parameter>`` and reshaped to ``[E, r, in]`` / ``[E, out, r]``."""
+def from_peft_pairs(pairs: dict, config: dict, by_path: dict, where: str) -> tuple[dict, dict]:
+    """``pairs`` (module path -> {"lora_A", "lora_B"}) with expert entries renamed
+    ``<experts>.<parameter>`` and reshaped to ``[E, r, in]`` / ``[E, out, r]``: PEFT's
+    target_parameters layout, and the per-expert one (``experts.<i>.gate_proj`` /
+    ``up_proj`` / ``down_proj``, or Mixtral's ``w1`` / ``w3`` / ``w2``). Also returns
+    path -> ``(r, alpha)`` where the file's own do not apply (a fused gate_up has rank 2r)."""
     targets = config.get("target_parameters") or []
     if isinstance(targets, str):
         targets = [targets]
+    pairs, overrides = _from_per_expert(pairs, config, by_path, where)
     out = {}
     for path, pair in pairs.items():
         host, depth = path, 0
@@ -386,7 +392,72 @@ def from_peft_pairs(pairs: dict, config: dict, by_path: dict, where: str) -> dic
             "lora_A": a.reshape(e, r, a.shape[1]),
             "lora_B": b.reshape(b.shape[0], r, e).permute(2, 0, 1),
         }
-    return out
+    return out, overrides
+
+
+_PER_EXPERT = re.compile(r"^(.*)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)$")
+_ROLE = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def _from_per_expert(pairs: dict, config: dict, by_path: dict, where: str) -> tuple[dict, dict]:
+    """Per-expert keys gathered into ``<experts>.gate_up_proj`` / ``.down_proj`` entries.
+
+    gate and up of one expert become one rank-2r adapter on the fused weight: A stacks
+    ``[A_gate; A_up]``, B is block-diagonal, its rows placed as the module lays gate and
+    up out (two halves, or interleaved when ``is_concatenated`` is False: GPT-OSS); alpha
+    is scaled so that the scale stays the file's.
+    """
+    groups: dict[str, dict[str, dict[int, dict]]] = {}
+    rest = {}
+    for path, pair in pairs.items():
+        m = _PER_EXPERT.match(path)
+        if m is None or _experts_at(by_path, m[1]) is None:
+            rest[path] = pair
+            continue
+        groups.setdefault(m[1], {}).setdefault(_ROLE.get(m[3], m[3]), {})[int(m[2])] = pair
+    overrides = {}
+    r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
+    rslora = bool(config.get("use_rslora", False))
+    for host, roles in groups.items():
+        experts = _experts_at(by_path, host)
+        e = experts_layout(experts).num_experts
+        for role, per in roles.items():
+            missing = sorted(set(range(e)) - set(per))
+            extra = sorted(set(per) - set(range(e)))
+            if missing or extra:
+                raise ValueError(
+                    f"{where}: {host} has {e} experts, but the file's {role} adapters are for experts "
+                    f"{sorted(per)[:8]}{' ...' if len(per) > 8 else ''} (missing {missing[:8]}, extra {extra[:8]})"
+                )
+            for i, pair in per.items():
+                if set(pair) != {"lora_A", "lora_B"}:
+                    raise ValueError(f"{where}: {host}.{i}.{role} needs lora_A and lora_B")
+
+        def stacked(role, which):
+            try:
+                return torch.stack([roles[role][i][which] for i in range(e)])
+            except RuntimeError as err:
+                raise ValueError(f"{where}: {host}: the experts' {role} {which} shapes differ: {err}") from None
+
+        if "down_proj" in roles:
+            rest[f"{host}.down_proj"] = {"lora_A": stacked("down_proj", "lora_A"), "lora_B": stacked("down_proj", "lora_B")}
+        if ("gate_proj" in roles) != ("up_proj" in roles):
+            raise ValueError(f"{where}: {host}: the fused gate_up_proj needs adapters on both gate_proj and up_proj")
+        if "gate_proj" in roles:
+            a_gate, a_up = stacked("gate_proj", "lora_A"), stacked("up_proj", "lora_A")
+            b_gate, b_up = stacked("gate_proj", "lora_B"), stacked("up_proj", "lora_B")
+            if a_gate.shape != a_up.shape or b_gate.shape != b_up.shape or a_gate.dim() != 3 or b_gate.dim() != 3:
+                raise ValueError(f"{where}: {host}: gate_proj and up_proj adapters must have the same shapes")
+            r, width = a_gate.shape[1], b_gate.shape[1]
+            b = b_gate.new_zeros(e, 2 * width, 2 * r)
+            if getattr(experts, "is_concatenated", True) is False:
+                b[:, 0::2, :r], b[:, 1::2, r:] = b_gate, b_up
+            else:
+                b[:, :width, :r], b[:, width:, r:] = b_gate, b_up
+            rest[f"{host}.gate_up_proj"] = {"lora_A": torch.cat([a_gate, a_up], dim=1), "lora_B": b}
+            alpha = float(alpha_default) * (math.sqrt(2) if rslora else 2.0)
+            overrides[f"{host}.gate_up_proj"] = (2 * int(r_default), alpha)
+    return rest, overrides
 
 
 def to_peft(path: str, layer: ExpertsProjection, a: Tensor, b: Tensor, adapted: list[str]) -> dict:

@@ -312,3 +312,47 @@ def test_merge_and_exact_unmerge(family, tmp_path):
         lora_ext.unmerge_adapter(model)
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("names", [("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2")], ids=["hf", "mixtral"])
+def test_per_expert_layout_matches_merged_weights(family, names, tmp_path):
+    """Adapters stored per expert (vLLM / Mixtral style) against the weights merged by hand."""
+    model = tiny_model(family)
+    layout = lora_ext.moe.experts_layout(model.model.layers[0].mlp.experts)
+    e, h, i, r, alpha = layout.num_experts, layout.hidden, layout.intermediate, 3, 6.0
+    g = torch.Generator().manual_seed(5)
+    tensors, merged = {}, copy.deepcopy(model)
+    for layer in range(2):
+        host = f"model.layers.{layer}.mlp.experts"
+        w = merged.get_submodule(host)
+        for x in range(e):
+            deltas = {}
+            for role, (fan_in, fan_out) in zip(names, ((h, i), (h, i), (i, h))):
+                a = torch.randn(r, fan_in, generator=g) * 0.3
+                b = torch.randn(fan_out, r, generator=g) * 0.3
+                tensors[f"base_model.model.{host}.{x}.{role}.lora_A.weight"] = a
+                tensors[f"base_model.model.{host}.{x}.{role}.lora_B.weight"] = b
+                deltas[role] = alpha / r * b @ a  # [out, in]
+            gate, up, down = (deltas[n] for n in names)
+            with torch.no_grad():
+                if layout.transposed:  # GPT-OSS: [H, 2I] with gate and up interleaved
+                    w.gate_up_proj[x][:, 0::2] += gate.T
+                    w.gate_up_proj[x][:, 1::2] += up.T
+                    w.down_proj[x] += down.T
+                else:
+                    w.gate_up_proj[x][:i] += gate
+                    w.gate_up_proj[x][i:] += up
+                    w.down_proj[x] += down
+    config = {"r": r, "lora_alpha": alpha, "target_modules": list(names)}
+    lora_ext.load_adapter(model, tensors, "a", config=config)
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        assert close(model(ids).logits, merged(ids).logits, 1e-4)
+    # An expert missing from the file: refused, the model unchanged.
+    other = tiny_model(family)
+    del tensors[f"base_model.model.model.layers.1.mlp.experts.{e - 1}.{names[2]}.lora_A.weight"]
+    del tensors[f"base_model.model.model.layers.1.mlp.experts.{e - 1}.{names[2]}.lora_B.weight"]
+    with pytest.raises(ValueError, match=f"has {e} experts"):
+        lora_ext.load_adapter(other, tensors, "a", config=config)
+    assert not any(isinstance(m, LoRAExperts) for m in other.modules())
