@@ -356,3 +356,29 @@ def test_per_expert_layout_matches_merged_weights(family, names, tmp_path):
     with pytest.raises(ValueError, match=f"has {e} experts"):
         lora_ext.load_adapter(other, tensors, "a", config=config)
     assert not any(isinstance(m, LoRAExperts) for m in other.modules())
+
+
+def test_pool_and_generate_with_expert_adapters(tmp_path):
+    model = tiny_model("qwen3_moe")
+    for seed, name in enumerate("abc"):
+        peft_adapter(model, tmp_path / name, seed=seed + 10)
+    reference = copy.deepcopy(model)
+    for name in "abc":
+        lora_ext.load_adapter(reference, tmp_path / name, name)
+    pool = lora_ext.AdapterPool(model, max_resident=2)
+    for name in "abc":
+        pool.add(name, tmp_path / name)
+    ids = torch.randint(0, 64, (3, 6))
+    with torch.no_grad():
+        for names in (["a", "b", None], ["c", "a", "c"], ["b", "c", "b"]):
+            pool.set_adapter(names)
+            lora_ext.set_adapter(reference, names)
+            assert torch.equal(model(ids).logits, reference(ids).logits)
+        # generate: each row of a mixed batch as if it ran alone
+        names = ["b", None, "c"]
+        pool.set_adapter(names)
+        mixed = model.generate(ids, max_new_tokens=4, do_sample=False)
+        for row, name in enumerate(names):
+            lora_ext.set_adapter(reference, name)
+            alone = reference.generate(ids[row : row + 1], max_new_tokens=4, do_sample=False)
+            assert torch.equal(mixed[row : row + 1], alone)
