@@ -9,6 +9,12 @@ layer. Its ``lora_A[name]`` / ``lora_B[name]`` parameters are *views* into that 
 by optimizers and state dicts as ordinary parameters, read by the multi-adapter
 ops directly. This *view invariant* and every guard that keeps it live here.
 
+A kind whose adapters carry leading dimensions overrides ``factor_shapes`` (the
+experts of a mixture, :mod:`lora_ext.moe`: A ``[E, r, in]``, B ``[E, out, r]``); its
+stacks are then ``[C, E, R, in]`` / ``[C, E, out, R]`` and its views
+``a_stack[slot, ..., :r, :]`` / ``b_stack[slot, ..., :r]``, with everything else here
+unchanged (for ``LoRALinear`` these are the same views as before).
+
 Keep the parameters as views: change adapter weights in place (``load_adapter(...,
 replace=True)``, ``load_state_dict``), not by assigning ``param.data``.
 ``Module.to``/``half``/``cuda``, ``copy.deepcopy`` and pickling rebuild the stacks
