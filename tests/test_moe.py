@@ -163,6 +163,9 @@ def tiny_model(family: str, seed: int = 0, num_experts: int = 4):
     if family == "qwen3_moe":
         config = transformers.Qwen3MoeConfig(intermediate_size=48, moe_intermediate_size=24,
                                              num_experts=num_experts, **common)
+    elif family == "olmoe":
+        common.pop("head_dim")
+        config = transformers.OlmoeConfig(intermediate_size=24, num_experts=num_experts, **common)
     else:
         config = transformers.GptOssConfig(intermediate_size=24, num_local_experts=num_experts,
                                            layer_types=["full_attention"] * 2, **common)
@@ -195,7 +198,7 @@ def close(got, want, tol=2e-5):
     return (got - want).abs().max().item() <= tol * max(want.abs().max().item(), 1.0)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + ["olmoe"])
 def test_one_adapter_matches_peft(family, tmp_path):
     model = tiny_model(family)
     pm = peft_adapter(model, tmp_path / "a", seed=1)
