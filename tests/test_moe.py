@@ -385,3 +385,30 @@ def test_pool_and_generate_with_expert_adapters(tmp_path):
             lora_ext.set_adapter(reference, name)
             alone = reference.generate(ids[row : row + 1], max_new_tokens=4, do_sample=False)
             assert torch.equal(mixed[row : row + 1], alone)
+
+
+def test_bf16_model_matches_peft(tmp_path):
+    model = tiny_model("qwen3_moe")
+    pm = peft_adapter(model, tmp_path / "a", seed=6)
+    model, pm = model.to(torch.bfloat16), pm.to(torch.bfloat16)
+    lora_ext.load_adapter(model, tmp_path / "a", "a")
+    assert model.model.layers[0].mlp.experts.gate_up_proj.a_stack.dtype == torch.bfloat16
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        assert close(model(ids).logits.float(), pm(ids).logits.float(), 3e-2)
+
+
+def test_deepcopy_and_pickle_keep_expert_adapters(tmp_path):
+    import pickle
+
+    model = tiny_model("gpt_oss")
+    peft_adapter(model, tmp_path / "a", seed=7)
+    lora_ext.load_adapter(model, tmp_path / "a", "a")
+    ids = torch.randint(0, 64, (2, 5))
+    with torch.no_grad():
+        want = model(ids).logits
+        for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            experts = copied.model.layers[1].mlp.experts
+            assert experts.gate_up_proj.weight is experts.base_layer.gate_up_proj  # the copy's own base
+            assert experts.gate_up_proj.shares_storage()
+            assert torch.equal(copied(ids).logits, want)
