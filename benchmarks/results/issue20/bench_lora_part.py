@@ -8,6 +8,11 @@ Prefill: 2,048 tokens, floor = max(those bytes at the copy rate, rank-r FLOPs at
 rate). Qwen3-30B-A3B and GPT-OSS-20B layer shapes, r = 16, fp32.
 
     python benchmarks/results/issue20/bench_lora_part.py --threads 1
+    python benchmarks/results/issue20/bench_lora_part.py --threads 1 --group-sizes
+
+``--group-sizes``: instead, multi_lora_add_'s rate on Qwen's gate_up prefill shape (16,384
+rows, 2048 -> 1536, r = 16) with the rows in groups of 16, 64, 256 and all rows in one:
+what the 16-row (adapter, expert) groups of W13's prefill cost by themselves.
 """
 
 import argparse
@@ -35,8 +40,11 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=9)
+    p.add_argument("--group-sizes", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.group_sizes:
+        return group_sizes(args)
     src = torch.randn(1 << 25)
     dst = torch.empty_like(src)
     m = torch.randn(2048, 2048)
@@ -73,6 +81,20 @@ def main():
                 print(f"{name:14} {phase:7} threads={args.threads} pairs={pairs:5} blocks={used:4}  "
                       f"lora part {ms:8.2f} ms  floor {floor:7.2f} ms (copy {gbps:4.1f} GB/s, "
                       f"GEMM {gflops:4.0f} GFLOP/s)  x floor {ms / floor:.2f}", flush=True)
+
+
+def group_sizes(args):
+    rows, rank, fan_in, fan_out = 16384, 16, 2048, 1536
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(rows, fan_in, generator=g), torch.zeros(rows, fan_out)
+    for size in (16, 64, 256, rows):
+        n = rows // size
+        a = torch.randn(n, rank, fan_in, generator=g) / fan_in**0.5
+        b = torch.randn(n, fan_out, rank, generator=g) / rank**0.5
+        index = torch.arange(n, dtype=torch.int32).repeat_interleave(size)[torch.randperm(rows, generator=g)]
+        ms = median_ms(lambda: ops.multi_lora_add_(y, x, a, b, index, torch.ones(n)), 5)
+        print(f"rows per group {size:6}: {ms:7.1f} ms, {2 * rows * rank * (fan_in + fan_out) / ms / 1e6:5.1f} GFLOP/s",
+              flush=True)
 
 
 if __name__ == "__main__":
