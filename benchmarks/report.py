@@ -81,6 +81,10 @@ def targets(results: list[dict]) -> list[dict]:
                 e["load_saved_folder_ms_worst"], 100.0, False)
             add(r, "load ms, state dicts, worst while loading all one after another (no reserve_adapters)",
                 e["load_state_dict_ms_worst_while_growing"], 100.0, False)
+        elif w == "W14":
+            for method in ("nf4", "int8"):
+                add(r, f"{method}: tokens/s vs the quantized base alone", e[f"{method}_lora_ext_over_quantized_base"], 0.95, True)
+                add(r, f"{method}: tokens/s vs PEFT on the same base", e[f"{method}_lora_ext_over_peft"], 1.0, True)
     return out
 
 
@@ -135,7 +139,7 @@ def markdown(report: dict) -> str:
     lines += ["", "## End to end (W7, W8)", "", "| workload | variant | median s | p10..p90 s | tokens/s |",
               "|---|---|---:|---:|---:|"]
     for r in report["results"]:
-        if r["workload"] not in ("W7", "W8", "W9"):
+        if r["workload"] not in ("W7", "W8", "W9", "W14"):
             continue
         for v in r["variants"]:
             if v.get("status") == NOT_YET:
@@ -149,7 +153,7 @@ def markdown(report: dict) -> str:
                       "|---|---:|---:|---:|"]
             lines += [f"| {v['name']} | {v['median_ms'] / 1e3:.2f} | {v['p10_ms'] / 1e3:.2f}..{v['p90_ms'] / 1e3:.2f} | "
                       f"{v['tokens_per_s']:.1f} |" for v in r["variants"]]
-    lines += ["", "## Targets (issues 4, 10 and 24; stated for the 2-core CPU)", "",
+    lines += ["", "## Targets (issues 4, 10, 21 and 24; stated for the 2-core CPU)", "",
               "| workload | dev | measure | value | target | met |", "|---|---|---|---:|---:|---|"]
     for t in report["targets"]:
         lines.append(f"| {t['workload']} | {t['device']} | {t['what']} | {_fmt(t['value'])} | "

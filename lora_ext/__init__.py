@@ -9,6 +9,7 @@ from . import _C  # noqa: E402, F401  (registers torch.ops.lora_ext.*)
 from .ops import lora_linear, merge_, multi_lora, unmerge_
 from .storage import AdapterLayer, AdapterSpec
 from .layers import LoRALinear
+from .quantized import QuantizedLoRALinear, dequantize_linear
 from .model import (
     active_adapters,
     delete_adapter,
@@ -35,6 +36,8 @@ __all__ = [
     "AdapterLayer",
     "AdapterSpec",
     "LoRALinear",
+    "QuantizedLoRALinear",
+    "dequantize_linear",
     "inject_lora",
     "set_adapter",
     "use_adapter",

@@ -40,8 +40,7 @@ class LoRALinear(AdapterLayer):
     """
 
     def __init__(self, base_layer: nn.Linear, manager: Optional[AdapterManager] = None):
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"LoRALinear wraps nn.Linear, got {type(base_layer).__name__}")
+        self.check_base(base_layer)
         super().__init__(manager if manager is not None else AdapterManager())
         self.base_layer = base_layer
         for p in base_layer.parameters():
@@ -49,6 +48,12 @@ class LoRALinear(AdapterLayer):
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
         self.merge_record: Optional[MergeRecord] = None
+
+    @classmethod
+    def check_base(cls, base_layer: nn.Module) -> None:
+        """Raise ``TypeError`` unless this kind can wrap ``base_layer``."""
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"{cls.__name__} wraps nn.Linear, got {type(base_layer).__name__}")
 
     # -- plain nn.Linear face (code that reads q_proj.weight keeps working) ----------------
     @property
@@ -177,19 +182,27 @@ class LoRALinear(AdapterLayer):
         return self.forward_rows(x, index, *self.slot_stacks(x.dtype))
 
     def forward_one(self, x: Tensor, slot: int) -> Tensor:
+        a, b, spec = self.one_adapter(x, slot)
+        if self.training and spec.dropout > 0:
+            return self.forward_one_unfused(x, a, b, spec)
+        return ops.lora_linear(x, self.base_layer.weight, self.base_layer.bias, a, b, spec.scale)
+
+    def one_adapter(self, x: Tensor, slot: int) -> tuple[Tensor, Tensor, AdapterSpec]:
+        """``(A, B, spec)`` of the adapter in ``slot``, in ``x``'s dtype, for autograd."""
         name, spec = self.slot_adapter(slot)
         if self.reads_params([name]):
             a, b = self.adapter_factors(name)
         else:  # read by slot: a pinned forward keeps the weights it started with
             a, b = self._a_stack[slot, : spec.r], self._b_stack[slot, :, : spec.r]
-        a, b = a.to(x.dtype), b.to(x.dtype)
-        if not (self.training and spec.dropout > 0):
-            return ops.lora_linear(x, self.base_layer.weight, self.base_layer.bias, a, b, spec.scale)
+        return a.to(x.dtype), b.to(x.dtype), spec
+
+    def forward_one_unfused(self, x: Tensor, a: Tensor, b: Tensor, spec: AdapterSpec) -> Tensor:
+        """One adapter over a separately computed base output (with dropout when training)."""
         # PEFT: base(x) + B A dropout(x) * scale. multi_lora carries the separate base.
         x2 = x.reshape(-1, self.in_features)
         index = torch.zeros(x2.shape[0], dtype=torch.int32, device=x.device)
         scales = torch.tensor([spec.scale], dtype=torch.float32, device=x.device)
-        x_lora = F.dropout(x2, spec.dropout, training=True)
+        x_lora = F.dropout(x2, spec.dropout) if self.training and spec.dropout > 0 else x2
         out = ops.multi_lora(x_lora, a[None], b[None], index, scales, None, self.forward_base(x2))
         return out.reshape(*x.shape[:-1], self.out_features)
 
@@ -212,6 +225,9 @@ class LoRALinear(AdapterLayer):
         a = self.lora_A[name].detach().to(w.dtype).contiguous()
         b = self.lora_B[name].detach().to(w.dtype).contiguous()
         return a, b, self.specs[name].scale
+
+    def merge_refusal(self) -> Optional[str]:
+        return None
 
     def merge_is_finite(self, name: str) -> bool:
         """Whether merging ``name`` would leave every weight finite; writes nothing."""

@@ -36,13 +36,20 @@ from .storage import AdapterLayer, AdapterSpec, check_adapter_name
 # Slots grow by this factor: amortised O(1) per load, at most 25% unused slots.
 _GROWTH = 1.25
 
-# Layer kinds: (plain module type, its LoRA layer class), most specific first.
-_LAYER_KINDS: list[tuple[type, Callable]] = []
+# Layer kinds: (plain module type, its LoRA layer class, which of them it takes), the
+# latest registered first.
+_LAYER_KINDS: list[tuple[type, Callable, Optional[Callable[[nn.Module], bool]]]] = []
 
 
-def register_layer_kind(base_type: type, layer_class: Callable) -> None:
-    """Wrap modules of ``base_type`` in ``layer_class(module, manager)`` when a plan targets them."""
-    _LAYER_KINDS.insert(0, (base_type, layer_class))
+def register_layer_kind(
+    base_type: type, layer_class: Callable, accepts: Optional[Callable[[nn.Module], bool]] = None
+) -> None:
+    """Wrap modules of ``base_type`` in ``layer_class(module, manager)`` when a plan targets them.
+
+    ``accepts(module)``: narrows the kind to some modules of that type (e.g. the
+    ``nn.Linear`` layers whose weight is quantized); kinds registered later are asked first.
+    """
+    _LAYER_KINDS.insert(0, (base_type, layer_class, accepts))
 
 
 def layer_kind(module: nn.Module) -> Optional[Callable]:
@@ -50,8 +57,8 @@ def layer_kind(module: nn.Module) -> Optional[Callable]:
     registered kind for a plain module (None: no LoRA layer kind takes it)."""
     if isinstance(module, AdapterLayer):
         return type(module)
-    for base_type, layer_class in _LAYER_KINDS:
-        if isinstance(module, base_type):
+    for base_type, layer_class, accepts in _LAYER_KINDS:
+        if isinstance(module, base_type) and (accepts is None or accepts(module)):
             return layer_class
     return None
 
@@ -100,7 +107,7 @@ def parameter_target(by_path: dict, path: str) -> Optional[ParameterTarget]:
 
 
 def supported_kinds() -> str:
-    return ", ".join(t.__name__ for t, _ in _LAYER_KINDS)
+    return ", ".join(dict.fromkeys(t.__name__ for t, _, _ in _LAYER_KINDS))
 
 
 def named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:

