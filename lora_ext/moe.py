@@ -152,6 +152,9 @@ class ExpertsProjection(AdapterLayer):
     def merged_adapter(self) -> Optional[str]:
         return self.merge_name
 
+    def merge_refusal(self) -> Optional[str]:
+        return None
+
     def _expert_factors(self, name: str) -> list[tuple[Tensor, Tensor, Tensor]]:
         """Per expert ``(weight slice, a, b)`` with ``slice += scale * b @ a``."""
         if name not in self.specs:
