@@ -155,6 +155,10 @@ class ExpertsProjection(AdapterLayer):
     def merge_refusal(self) -> Optional[str]:
         return None
 
+    def unload_target(self, path: str) -> tuple[str, nn.Module]:
+        """Unloading puts the plain experts module back where the LoRAExperts wrapper is."""
+        return path.rpartition(".")[0], self._owner[0]
+
     def _expert_factors(self, name: str) -> list[tuple[Tensor, Tensor, Tensor]]:
         """Per expert ``(weight slice, a, b)`` with ``slice += scale * b @ a``."""
         if name not in self.specs:

@@ -229,6 +229,11 @@ class AdapterLayer(nn.Module):
         """The adapter merged into the base weights (None: none)."""
         return None
 
+    def unload_target(self, path: str) -> tuple[str, nn.Module]:
+        """``(module path, plain module)`` that replaces this layer (at ``path``) when the
+        model is unloaded (``merge_and_unload``): by default its ``base_layer``, in place."""
+        return path, self.base_layer
+
     def merge_refusal(self) -> Optional[str]:
         """Why adapters cannot be merged into this layer's base (None: they can)."""
         return f"adapters of a {type(self).__name__} cannot be merged into its base layer"

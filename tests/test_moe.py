@@ -412,3 +412,17 @@ def test_deepcopy_and_pickle_keep_expert_adapters(tmp_path):
             assert experts.gate_up_proj.weight is experts.base_layer.gate_up_proj  # the copy's own base
             assert experts.gate_up_proj.shares_storage()
             assert torch.equal(copied(ids).logits, want)
+
+
+def test_merge_and_unload_restores_plain_experts(tmp_path):
+    model = tiny_model("gpt_oss")
+    experts_type = type(model.model.layers[0].mlp.experts)
+    peft_adapter(model, tmp_path / "a", seed=8)
+    lora_ext.load_adapter(model, tmp_path / "a", "a")
+    ids = torch.randint(0, 64, (2, 6))
+    with torch.no_grad():
+        want = model(ids).logits
+        plain = lora_ext.merge_and_unload(model, "a")
+        assert type(plain.model.layers[0].mlp.experts) is experts_type
+        assert not lora_ext.lora_layers(plain)
+        assert close(plain(ids).logits, want, 1e-4)
