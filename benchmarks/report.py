@@ -39,6 +39,12 @@ def targets(results: list[dict]) -> list[dict]:
         elif w == "W5-fwd+bwd":
             add(r, "overhead / LoRA FLOP share", e["overhead_over_flop_share"], 2.0, False)
             add(r, "saved bytes: lora_ext / PEFT", e["saved_bytes_lora_ext"] / e["saved_bytes_peft_compose"], 1.0, False)
+        elif w.startswith("W13"):  # issue 20: the experts' LoRA part against its floor; PEFT at decode
+            floor = max(r["memory_floor_ms"], r["compute_floor_ms"])
+            decode = w == "W13-decode"
+            add(r, f"{e['model']}: lora_part / floor", median(r, "lora_part") / floor, 1.5 if decode else 2.0, False)
+            if decode:
+                add(r, f"{e['model']}: peft / lora_ext", e["peft_over_lora_ext"], 5.0, True)
         elif w.startswith("W12"):  # issue 10: >= 80% of the rate the machine allows
             floor = max(r["memory_floor_ms"], r["compute_floor_ms"])
             add(r, f"{r['dtype']} r={e['rank']}: floor / time", floor / median(r, "lora_ext"), 0.8, True)

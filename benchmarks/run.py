@@ -10,8 +10,8 @@ after warm-up, variants interleaved round-robin; CUDA events on the GPU. Floors:
 bytes over the copy bandwidth and FLOPs over the GEMM rate, both measured in the
 same run. See BENCHMARKS.md. The pieces: harness.py (timing, ceilings, result records,
 the W1-W6 shapes of shapes.txt), workloads_ops.py (W1-W6, W12), workloads_model.py (W7,
-W8, W10, W11), workloads_adapters.py (W9), workloads_quant.py (W14: quantized bases),
-report.py (targets, markdown, plot).
+W8, W10, W11), workloads_adapters.py (W9), workloads_moe.py (W13: MoE experts),
+workloads_quant.py (W14: quantized bases), report.py (targets, markdown, plot).
 
     python benchmarks/run.py                       # everything, CPU (and CUDA if present)
     python benchmarks/run.py --workloads W1,W3 --hidden 2048 --reps 5
@@ -44,6 +44,7 @@ ALL_WORKLOADS = ["W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8", "W9"]
 ALL_WORKLOADS.append("W10")  # vLLM with the lora_ext plugin: benchmarks/vllm_w10.py
 ALL_WORKLOADS.append("W11")  # W8's step on 2 ranks (DDP, FSDP2): benchmarks/train_w11.py
 ALL_WORKLOADS.append("W12")  # the prefill shrink/expand kernels' rate, fp32 and bf16
+ALL_WORKLOADS.append("W13")  # LoRA on a mixture of experts' layer: benchmarks/workloads_moe.py
 ALL_WORKLOADS.append("W14")  # serving adapters over quantized bases (NF4, int8): workloads_quant.py
 
 
@@ -102,6 +103,10 @@ def main(argv=None) -> int:
             results += merge_workloads(device, args, ceil)
         if "W12" in selected:
             results += prefill_rate_workloads(device, args, ceil)
+        if "W13" in selected:
+            from workloads_moe import w13_moe
+
+            results += w13_moe(device, args, ceil)
         ceilings[str(device)] = {"copy_gbps": ceil.copy_gbps, "gemm_gflops": ceil.gemm_gflops}
         for r in results:
             print(f"  {r['workload']:<11} {r['device']:<5} lora_ext {median(r, 'lora_ext'):.3f} ms", file=sys.stderr)

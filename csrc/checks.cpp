@@ -291,4 +291,53 @@ void check_unmerge_exact_args(const at::Tensor& weight, const at::Tensor& lora_a
   }
 }
 
+void check_moe_lora_args(const at::Tensor& x, const at::Tensor& a_stack,
+                         const at::Tensor& b_stack, const at::Tensor& experts,
+                         const at::Tensor& adapters, const at::Tensor& scales,
+                         const std::optional<at::Tensor>& ranks,
+                         const std::optional<at::Tensor>& base, const char* op,
+                         const char* base_name) {
+  check_float(x, op, "x");
+  check_float(a_stack, op, "a_stack");
+  check_float(b_stack, op, "b_stack");
+  check_dim(x, 2, op, "x", "[P, in] (one row per routed pair)");
+  check_dim(a_stack, 4, op, "a_stack", "[C, E, R, in]");
+  check_dim(b_stack, 4, op, "b_stack", "[C, E, out, R]");
+  const int64_t P = x.size(0), C = a_stack.size(0), E = a_stack.size(1), R = a_stack.size(2);
+  check_size(a_stack, 3, x.size(1), op, "a_stack", "in, from x.size(1)");
+  check_size(b_stack, 0, C, op, "b_stack", "C, from a_stack.size(0)");
+  check_size(b_stack, 1, E, op, "b_stack", "E, from a_stack.size(1)");
+  check_size(b_stack, 3, R, op, "b_stack", "R, from a_stack.size(2)");
+  TORCH_CHECK(R >= 1, op, ": a_stack.size(2) (max rank R) must be >= 1, got ", R);
+  for (auto [t, name] : {std::pair{&a_stack, "a_stack"}, {&b_stack, "b_stack"}}) {
+    check_same_dtype(x, "x", *t, op, name);
+    check_same_device(x, "x", *t, op, name);
+  }
+  for (auto [t, name] : {std::pair{&experts, "experts"}, {&adapters, "adapters"}}) {
+    check_index_dtype(*t, op, name);
+    check_dim(*t, 1, op, name, "[P]");
+    check_size(*t, 0, P, op, name, "P, from x.size(0)");
+    check_same_device(x, "x", *t, op, name);
+  }
+  TORCH_CHECK(at::isFloatingType(scales.scalar_type()), op,
+              ": scales must be a floating-point tensor, got ", scales.scalar_type());
+  check_dim(scales, 1, op, "scales", "[C]");
+  check_size(scales, 0, C, op, "scales", "C, from a_stack.size(0)");
+  check_same_device(x, "x", scales, op, "scales");
+  if (ranks.has_value() && ranks->defined()) {
+    check_index_dtype(*ranks, op, "ranks");
+    check_dim(*ranks, 1, op, "ranks", "[C]");
+    check_size(*ranks, 0, C, op, "ranks", "C, from a_stack.size(0)");
+    check_same_device(x, "x", *ranks, op, "ranks");
+  }
+  if (base.has_value() && base->defined()) {
+    check_float(*base, op, base_name);
+    check_dim(*base, 2, op, base_name, "[P, out]");
+    check_size(*base, 0, P, op, base_name, "P, from x.size(0)");
+    check_size(*base, 1, b_stack.size(2), op, base_name, "out, from b_stack.size(2)");
+    check_same_dtype(x, "x", *base, op, base_name);
+    check_same_device(x, "x", *base, op, base_name);
+  }
+}
+
 }  // namespace lora_ext

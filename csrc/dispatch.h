@@ -66,4 +66,14 @@ void check_unmerge_exact_args(const at::Tensor& weight, const at::Tensor& lora_a
 // row * in + col): the exact unmerge's last step, on every backend (csrc/cpu/merge.cpp).
 void restore_overflow(at::Tensor& weight, const at::Tensor& index, const at::Tensor& values);
 
+// moe_lora's checks (metadata only): x [P, in]; a_stack [C, E, R, in]; b_stack
+// [C, E, out, R]; experts, adapters [P] int32/int64; scales, ranks [C]; base (or y, or
+// grad_out: base_name) [P, out].
+void check_moe_lora_args(const at::Tensor& x, const at::Tensor& a_stack,
+                         const at::Tensor& b_stack, const at::Tensor& experts,
+                         const at::Tensor& adapters, const at::Tensor& scales,
+                         const std::optional<at::Tensor>& ranks,
+                         const std::optional<at::Tensor>& base, const char* op,
+                         const char* base_name = "base");
+
 }  // namespace lora_ext

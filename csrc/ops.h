@@ -63,4 +63,27 @@ LORA_EXT_DECLARE_BACKEND(cuda)
 
 #undef LORA_EXT_DECLARE_BACKEND
 
+// LoRA on the routed (token, expert) pairs of a mixture of experts (csrc/cpu/moe_lora.cpp):
+// pair p uses block (adapters[p], experts[p]) of a_stack [C, E, R, in], b_stack [C, E, out, R].
+#define LORA_EXT_DECLARE_MOE(ns)                                                              \
+  namespace ns {                                                                              \
+  at::Tensor moe_lora(const at::Tensor& x, const at::Tensor& a_stack, const at::Tensor& b_stack, \
+                      const at::Tensor& experts, const at::Tensor& adapters,                  \
+                      const at::Tensor& scales, const std::optional<at::Tensor>& ranks,       \
+                      const std::optional<at::Tensor>& base);                                 \
+  void moe_lora_add_(at::Tensor& y, const at::Tensor& x, const at::Tensor& a_stack,           \
+                     const at::Tensor& b_stack, const at::Tensor& experts,                    \
+                     const at::Tensor& adapters, const at::Tensor& scales,                    \
+                     const std::optional<at::Tensor>& ranks);                                 \
+  GradTuple3 moe_lora_backward(const at::Tensor& grad_out, const at::Tensor& x,               \
+                               const at::Tensor& a_stack, const at::Tensor& b_stack,          \
+                               const at::Tensor& experts, const at::Tensor& adapters,         \
+                               const at::Tensor& scales,                                      \
+                               const std::optional<at::Tensor>& ranks,                        \
+                               std::array<bool, 3> output_mask);                              \
+  }
+LORA_EXT_DECLARE_MOE(cpu)
+LORA_EXT_DECLARE_MOE(cuda)
+#undef LORA_EXT_DECLARE_MOE
+
 }  // namespace lora_ext

@@ -44,4 +44,18 @@ TORCH_LIBRARY(lora_ext, m) {
   // Which kernel merge_exact_ runs for weight's device and dtype ("cpu/avx512", "cuda"):
   // an exact merge is undone exactly only by the same one (rounding differs).
   m.def("merge_variant(Tensor weight) -> str");
+  // LoRA on a mixture of experts' routed pairs: row p (a token's copy for one expert)
+  // uses block (adapters[p] (-1: none), experts[p]) of a_stack [C, E, R, in] and
+  // b_stack [C, E, out, R]: base[p] + scales[c] * B_ce (A_ce x_p), cut to ranks[c].
+  m.def(
+      "moe_lora(Tensor x, Tensor a_stack, Tensor b_stack, Tensor experts, Tensor adapters, "
+      "Tensor scales, Tensor? ranks, Tensor? base) -> Tensor");
+  m.def(
+      "moe_lora_add_(Tensor(a!) y, Tensor x, Tensor a_stack, Tensor b_stack, Tensor experts, "
+      "Tensor adapters, Tensor scales, Tensor? ranks) -> ()");
+  m.def(
+      "moe_lora_backward(Tensor grad_out, Tensor x, Tensor a_stack, Tensor b_stack, "
+      "Tensor experts, Tensor adapters, Tensor scales, Tensor? ranks, bool[3] output_mask) -> "
+      "(Tensor, Tensor, Tensor)");
 }
+

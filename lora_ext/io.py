@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from .lifecycle import AdapterPlan, LayerPlan, cannot_add_reason, layer_kind, lora_layers, manager_of, named_modules, supported_kinds
+from .lifecycle import parameter_target
+from . import moe
 from .model import list_adapters, resolve_targets
 from .storage import AdapterSpec
 
@@ -33,7 +35,6 @@ _UNSUPPORTED = {
     "lora_bias": "trained LoRA biases",
     "trainable_token_indices": "trainable tokens",
     "alora_invocation_tokens": "activated LoRA",
-    "target_parameters": "LoRA on parameters (target_parameters)",
     "use_qalora": "QA-LoRA",
 }
 
@@ -87,10 +88,13 @@ def save_adapter(
     r = Counter(s.r for s in specs.values()).most_common(1)[0][0]
     alpha = Counter(s.alpha for s in specs.values()).most_common(1)[0][0]
     dropout = Counter(s.dropout for s in specs.values()).most_common(1)[0][0]
+    # Expert parameters are PEFT's target_parameters; the rest its target_modules.
+    expert_paths = sorted(n for n, m in layers if isinstance(m, moe.ExpertsProjection))
+    module_paths = [n for n in specs if n not in expert_paths]
     # Short target names when they select exactly these layers, full paths otherwise.
-    short = sorted({n.rpartition(".")[2] for n in specs})
+    short = sorted({n.rpartition(".")[2] for n in module_paths})
     try:
-        exact = set(resolve_targets(model, short)) == set(specs)
+        exact = set(resolve_targets(model, short)) == set(module_paths)
     except (ValueError, TypeError):
         exact = False
     config = {
@@ -101,7 +105,8 @@ def save_adapter(
         "lora_alpha": alpha,
         "lora_dropout": dropout,
         "use_rslora": rslora.pop(),
-        "target_modules": short if exact else sorted(specs),
+        "target_modules": (short if exact else sorted(module_paths)) if module_paths else None,
+        "target_parameters": expert_paths or None,
         "rank_pattern": {n: s.r for n, s in specs.items() if s.r != r},
         "alpha_pattern": {n: s.alpha for n, s in specs.items() if s.alpha != alpha},
         "bias": "none",
@@ -113,6 +118,12 @@ def save_adapter(
     }
     tensors = {}
     for n, m in layers:
+        if isinstance(m, moe.ExpertsProjection):
+            adapted = [p.rpartition(".")[2] for p in expert_paths if p.rpartition(".")[0] == n.rpartition(".")[0]]
+            peft = moe.to_peft(n, m, *m.full_weights(adapter_name), adapted)
+            for key, t in peft.items():
+                tensors[_PREFIX + key] = t.to(dtype or t.dtype).cpu().clone(memory_format=torch.contiguous_format)
+            continue
         for key, t in zip(("lora_A", "lora_B"), m.full_weights(adapter_name)):
             # a copy of its own: the parameter is a view into the layer's slot stack
             tensors[f"{_PREFIX}{n}.{key}.weight"] = t.to(dtype or t.dtype).cpu().clone(
@@ -386,6 +397,7 @@ def _plan(model: nn.Module, config: dict, tensors: Mapping, where: str, modules:
         pairs.setdefault(module_path, {})[which] = tensor
     if not pairs:
         raise ValueError(f"{where} holds no LoRA weights")
+    pairs, expert_specs = moe.from_peft_pairs(pairs, config, by_path, where)  # experts: our names and shapes
     r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     dropout = float(config.get("lora_dropout", 0.0) or 0.0)
@@ -396,6 +408,17 @@ def _plan(model: nn.Module, config: dict, tensors: Mapping, where: str, modules:
             missing = ({"lora_A", "lora_B"} - set(pair)).pop()
             raise ValueError(f"{where}: {module_path} has no {missing}.weight")
         module = by_path.get(module_path) if module_path else None
+        a, b = pair["lora_A"], pair["lora_B"]
+        r = _pattern_value(rank_pattern, module_path, r_default)
+        alpha = _pattern_value(alpha_pattern, module_path, alpha_default)
+        r, alpha = expert_specs.get(module_path, (r, alpha))  # experts' gate + up: rank 2r
+        target = parameter_target(by_path, module_path) if module is None else None
+        if target is not None:  # a parameter a wrapper will adapt (a mixture's experts)
+            problem = target.weights_problem(a, b, r)
+            if problem is not None:
+                raise ValueError(f"{where}: {module_path} {problem}")
+            plan.layers[module_path] = LayerPlan(_shared_spec(int(r), float(alpha), 0.0, rslora), a, b)
+            continue
         if module is None:
             raise ValueError(f"{where}: the model has no module {module_path!r}")
         kind = layer_kind(module)
@@ -410,17 +433,15 @@ def _plan(model: nn.Module, config: dict, tensors: Mapping, where: str, modules:
             raise ValueError(
                 f"{where}: {module_path} is sharded (FSDP2); load adapters before fully_shard"
             )
-        a, b = pair["lora_A"], pair["lora_B"]
-        r = _pattern_value(rank_pattern, module_path, r_default)
         problem = kind.weights_problem(module, a, b, r)
         if problem is not None:
             raise ValueError(f"{where}: {module_path} {problem}")
         if not (a.is_floating_point() and b.is_floating_point()):
             raise ValueError(f"{where}: {module_path} weights must be floating point, got {a.dtype}")
-        alpha = _pattern_value(alpha_pattern, module_path, alpha_default)
         plan.layers[module_path] = LayerPlan(_shared_spec(int(r), float(alpha), dropout, rslora), a, b)
     _check_finite(plan, where)
-    _check_targets(model, config, set(plan.layers), where, modules)
+    module_paths = {p for p in plan.layers if not isinstance(by_path.get(p), moe.ExpertsProjection) and p in by_path}
+    _check_targets(model, config, module_paths, where, modules)
     return plan
 
 

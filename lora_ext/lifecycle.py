@@ -68,6 +68,44 @@ def cannot_add_reason(module: nn.Module) -> Optional[str]:
     return module.cannot_add_reason() if isinstance(module, AdapterLayer) else None
 
 
+# Modules whose *parameters* take adapters (a mixture's fused experts): a plan names such a
+# parameter "<module path>.<parameter>"; attaching wraps the module in the kind's wrapper,
+# whose child of that name is the AdapterLayer. (adapted(module) -> parameter names, wrapper)
+_PARAMETER_KINDS: list[tuple[Callable[[nn.Module], tuple], Callable]] = []
+
+
+def register_parameter_kind(adapted: Callable[[nn.Module], tuple], wrapper_class: Callable) -> None:
+    """Wrap a module in ``wrapper_class(module, manager)`` when a plan targets one of the
+    parameters ``adapted(module)`` names; the wrapper's child of that name holds its adapters."""
+    _PARAMETER_KINDS.insert(0, (adapted, wrapper_class))
+
+
+@dataclass(frozen=True)
+class ParameterTarget:
+    """A parameter of a plain module that a plan targets (wrapped when attached)."""
+
+    module_path: str
+    module: nn.Module
+    parameter: str
+    wrapper: Callable
+
+    def weights_problem(self, a: Tensor, b: Tensor, r: int) -> Optional[str]:
+        """Why ``(a, b)`` do not fit this parameter (None: they do); the wrapper class answers."""
+        return self.wrapper.weights_problem(self.module, self.parameter, a, b, r)
+
+
+def parameter_target(by_path: dict, path: str) -> Optional[ParameterTarget]:
+    """The plain module parameter ``path`` names, when a parameter kind adapts it."""
+    module_path, _, parameter = path.rpartition(".")
+    module = by_path.get(module_path)
+    if module is None or isinstance(module, AdapterLayer):
+        return None
+    for adapted, wrapper in _PARAMETER_KINDS:
+        if parameter in adapted(module):
+            return ParameterTarget(module_path, module, parameter, wrapper)
+    return None
+
+
 def supported_kinds() -> str:
     return ", ".join(dict.fromkeys(t.__name__ for t, _, _ in _LAYER_KINDS))
 
@@ -268,6 +306,10 @@ class AdapterManager:
                 )
             module = by_path.get(path)
             if module is None:
+                target = parameter_target(by_path, path)
+                if target is not None:
+                    found[path] = target
+                    continue
                 raise ValueError(f"the model has no module {path!r}")
             if layer_kind(module) is None:
                 raise TypeError(
@@ -293,8 +335,17 @@ class AdapterManager:
         with self._lock:  # checked under the lock: two loads of one name cannot both pass
             found = self.check_plan(model, name, plan, modules)
             self.attach_pin_hooks(model)
+            wrapped = {}
             for path, module in found.items():
-                if not isinstance(module, AdapterLayer):
+                if isinstance(module, ParameterTarget):
+                    wrapper = wrapped.get(module.module_path)
+                    if wrapper is None:
+                        by_path = by_path or dict(modules)
+                        wrapper = wrapped[module.module_path] = module.wrapper(module.module, self)
+                        parent, _, child = module.module_path.rpartition(".")
+                        setattr(by_path[parent], child, wrapper)
+                    module = getattr(wrapper, module.parameter)
+                elif not isinstance(module, AdapterLayer):
                     by_path = by_path or dict(modules)
                     module = layer_kind(module)(module, self)
                     parent, _, child = path.rpartition(".")

@@ -302,10 +302,11 @@ def merge_and_unload(
     if undo:
         forget_quantization_config(model)
     for path, m in layers:
+        path, base = m.unload_target(path)
         parent, _, child = path.rpartition(".")
         if not path:
-            return m.base_layer
-        setattr(model.get_submodule(parent) if parent else model, child, m.base_layer)
+            return base
+        setattr(model.get_submodule(parent) if parent else model, child, base)
     return model
 
 

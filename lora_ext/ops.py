@@ -287,3 +287,82 @@ def _multi_lora_backward(ctx, grad):
 torch.library.register_autograd(
     "lora_ext::multi_lora", _multi_lora_backward, setup_context=_multi_lora_setup_context
 )
+
+
+# ---------------------------------------------------------------------------
+# LoRA on a mixture of experts' routed (token, expert) pairs (issue 20).
+
+
+def moe_lora(
+    x: Tensor,
+    a_stack: Tensor,
+    b_stack: Tensor,
+    experts: Tensor,
+    adapters: Tensor,
+    scales: Tensor,
+    ranks: Optional[Tensor] = None,
+    base: Optional[Tensor] = None,
+) -> Tensor:
+    """LoRA on the rows of routed pairs: a different expert and adapter per row.
+
+    x: ``[P, in]``, one row per routed (token, expert) pair; a_stack: ``[C, E, R, in]``;
+    b_stack: ``[C, E, out, R]``; experts: ``[P]`` int in ``[0, E)``; adapters: ``[P]`` int
+    in ``[-1, C)``; scales: ``[C]``; ranks: ``[C]`` in ``[1, R]`` (None: all R); base:
+    ``[P, out]`` or None (zeros). Row p with ``c = adapters[p] >= 0``, ``e = experts[p]`` is
+    ``base[p] + scales[c] * B[c, e, :, :r] @ (A[c, e, :r] @ x[p])`` with ``r = ranks[c]``;
+    a row with -1 is ``base[p]``. The rows are grouped by (adapter, expert) once per call,
+    so each used block of A and B is read once; no expert's weight update is formed.
+    Differentiable w.r.t. x, a_stack, b_stack and base.
+    """
+    return _ops.moe_lora.default(x, a_stack, b_stack, experts, adapters, scales, ranks, base)
+
+
+def moe_lora_add_(
+    y: Tensor,
+    x: Tensor,
+    a_stack: Tensor,
+    b_stack: Tensor,
+    experts: Tensor,
+    adapters: Tensor,
+    scales: Tensor,
+    ranks: Optional[Tensor] = None,
+) -> None:
+    """In place, :func:`moe_lora` added into ``y`` ``[P, out]`` (rows with -1 untouched);
+    y may be a column slice of a wider output and must not share memory with an input."""
+    _ops.moe_lora_add_.default(y, x, a_stack, b_stack, experts, adapters, scales, ranks)
+    _increment_version(y)
+
+
+@torch.library.register_fake("lora_ext::moe_lora")
+def _moe_lora_fake(x, a_stack, b_stack, experts, adapters, scales, ranks, base):
+    return x.new_empty((x.shape[0], b_stack.shape[2]))
+
+
+@torch.library.register_fake("lora_ext::moe_lora_add_")
+def _moe_lora_add_fake(y, x, a_stack, b_stack, experts, adapters, scales, ranks):
+    return None
+
+
+@torch.library.register_fake("lora_ext::moe_lora_backward")
+def _moe_lora_backward_fake(grad_out, x, a_stack, b_stack, experts, adapters, scales, ranks, output_mask):
+    return tuple(_empty_unless(f, like) for f, like in zip(output_mask, (x, a_stack, b_stack)))
+
+
+def _moe_lora_setup_context(ctx, inputs, output):
+    x, a_stack, b_stack, experts, adapters, scales, ranks, base = inputs
+    ctx.save_for_backward(x, a_stack, b_stack, experts, adapters, scales, ranks)
+    ctx.has_base = base is not None
+
+
+def _moe_lora_backward(ctx, grad):
+    x, a_stack, b_stack, experts, adapters, scales, ranks = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [need[0], need[1], need[2]]
+    grad = grad.contiguous()
+    gx, ga, gb = _ops.moe_lora_backward.default(grad, x, a_stack, b_stack, experts, adapters, scales, ranks, mask)
+    grad_base = grad if (ctx.has_base and need[7]) else None
+    return (gx if mask[0] else None, ga if mask[1] else None, gb if mask[2] else None,
+            None, None, None, None, grad_base)
+
+
+torch.library.register_autograd("lora_ext::moe_lora", _moe_lora_backward, setup_context=_moe_lora_setup_context)

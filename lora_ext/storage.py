@@ -9,6 +9,12 @@ layer. Its ``lora_A[name]`` / ``lora_B[name]`` parameters are *views* into that 
 by optimizers and state dicts as ordinary parameters, read by the multi-adapter
 ops directly. This *view invariant* and every guard that keeps it live here.
 
+A kind whose adapters carry leading dimensions overrides ``factor_shapes`` (the
+experts of a mixture, :mod:`lora_ext.moe`: A ``[E, r, in]``, B ``[E, out, r]``); its
+stacks are then ``[C, E, R, in]`` / ``[C, E, out, R]`` and its views
+``a_stack[slot, ..., :r, :]`` / ``b_stack[slot, ..., :r]``, with everything else here
+unchanged (for ``LoRALinear`` these are the same views as before).
+
 Keep the parameters as views: change adapter weights in place (``load_adapter(...,
 replace=True)``, ``load_state_dict``), not by assigning ``param.data``.
 ``Module.to``/``half``/``cuda``, ``copy.deepcopy`` and pickling rebuild the stacks
@@ -172,15 +178,23 @@ class AdapterLayer(nn.Module):
         """``dict(device=..., dtype=...)`` of this layer's adapter weights."""
         raise NotImplementedError
 
+    def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of one adapter's ``(A, B)`` at rank ``r``: ``[..., r, in]`` and
+        ``[..., out, r]``. A kind whose adapters carry leading dimensions (one block per
+        expert: ``[E, r, in]``, ``[E, out, r]``) overrides this; the slot stacks are then
+        ``[C, ..., R, in]`` and ``[C, ..., out, R]``, and everything else follows."""
+        return (r, self.in_features), (self.out_features, r)
+
     def initial_weights(self, spec: AdapterSpec, init: str) -> tuple[Tensor, Tensor]:
         """A new adapter's ``(A, B)``: PEFT's init (A Kaiming-uniform, B zero) or ``"gaussian"``."""
         options = self.adapter_options()
-        a = torch.empty(spec.r, self.in_features, **options)
+        a_shape, b_shape = self.factor_shapes(spec.r)
+        a = torch.empty(a_shape, **options)
         if init == "gaussian":
             nn.init.normal_(a, std=1.0 / spec.r)
-        else:
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        return a, torch.zeros(self.out_features, spec.r, **options)
+        else:  # fan-in: the input width, however many blocks A holds
+            nn.init.kaiming_uniform_(a.view(-1, self.in_features), a=math.sqrt(5))
+        return a, torch.zeros(b_shape, **options)
 
     @classmethod
     def weights_problem(cls, module: nn.Module, a: Tensor, b: Tensor, r: int) -> Optional[str]:
@@ -188,7 +202,7 @@ class AdapterLayer(nn.Module):
 
         ``module``: a layer of this kind, or the plain module it would wrap.
         """
-        expected_a, expected_b = (r, module.in_features), (module.out_features, r)
+        expected_a, expected_b = AdapterLayer.factor_shapes(module, r)
         if tuple(a.shape) != expected_a or tuple(b.shape) != expected_b:
             return (
                 f"expects lora_A {list(expected_a)} and lora_B {list(expected_b)}, "
@@ -214,6 +228,11 @@ class AdapterLayer(nn.Module):
     def merged_adapter(self) -> Optional[str]:
         """The adapter merged into the base weights (None: none)."""
         return None
+
+    def unload_target(self, path: str) -> tuple[str, nn.Module]:
+        """``(module path, plain module)`` that replaces this layer (at ``path``) when the
+        model is unloaded (``merge_and_unload``): by default its ``base_layer``, in place."""
+        return path, self.base_layer
 
     def merge_refusal(self) -> Optional[str]:
         """Why adapters cannot be merged into this layer's base (None: they can)."""
@@ -242,7 +261,7 @@ class AdapterLayer(nn.Module):
     @property
     def rank_capacity(self) -> int:
         """R: the largest rank the stacks hold without re-allocating (0: no storage yet)."""
-        return 0 if self._a_stack is None else self._a_stack.shape[1]
+        return 0 if self._a_stack is None else self._a_stack.shape[-2]
 
     def slot(self, name: str) -> int:
         """The slot of adapter ``name`` in the stacks."""
@@ -306,8 +325,9 @@ class AdapterLayer(nn.Module):
         rmax = max([self.specs[n].r for n in present], default=1)
         options = self.adapter_options()
         device = options["device"]
-        zero_a = torch.zeros(rmax, self.in_features, dtype=dtype, device=device)
-        zero_b = torch.zeros(self.out_features, rmax, dtype=dtype, device=device)
+        a_shape, b_shape = self.factor_shapes(rmax)
+        zero_a = torch.zeros(a_shape, dtype=dtype, device=device)
+        zero_b = torch.zeros(b_shape, dtype=dtype, device=device)
         a_rows, b_rows, scales, ranks, dropout = [], [], [], [], []
         for n in names:
             spec = self.specs.get(n)
@@ -344,7 +364,7 @@ class AdapterLayer(nn.Module):
             if min_rank:  # allocated with the first adapter (or a reserved max_rank)
                 self.rebuild(capacity, rank)
             return
-        if self._a_stack.shape[:2] == (capacity, rank):
+        if (self._a_stack.shape[0], self.rank_capacity) == (capacity, rank):
             return
         if rank == self.rank_capacity and self._grow_in_place(capacity):
             return
@@ -373,10 +393,7 @@ class AdapterLayer(nn.Module):
         """
         options = self.adapter_options()
         device = options["device"]
-        stacks = (
-            _Stack(capacity, (rank, self.in_features), options["dtype"], device),
-            _Stack(capacity, (self.out_features, rank), options["dtype"], device),
-        )
+        stacks = tuple(_Stack(capacity, shape, options["dtype"], device) for shape in self.factor_shapes(rank))
         a_stack, b_stack = stacks[0].view, stacks[1].view
         scales = torch.zeros(capacity, dtype=torch.float32, device=device)
         ranks = torch.ones(capacity, dtype=torch.int64, device=device)  # empty slots: rank 1, scale 0
@@ -388,8 +405,8 @@ class AdapterLayer(nn.Module):
             for name, spec in self.specs.items():
                 slot, r = slot_of[name], spec.r
                 self._book.names[slot], self._book.specs[slot] = name, spec
-                a_stack[slot, :r].copy_(self.lora_A[name])
-                b_stack[slot, :, :r].copy_(self.lora_B[name])
+                a_stack[slot, ..., :r, :].copy_(self.lora_A[name])
+                b_stack[slot, ..., :r].copy_(self.lora_B[name])
                 scales[slot], ranks[slot], dropout[slot] = spec.scale, r, spec.dropout
         self._book.stacks, self._book.written = stacks, None
         self._a_stack, self._b_stack = a_stack, b_stack
@@ -402,9 +419,9 @@ class AdapterLayer(nn.Module):
         """Store an adapter's weights in ``slot`` (an empty slot: no forward reads it)."""
         r = spec.r
         buffers = self._buffers  # read directly: nn.Module.__getattr__ costs per access
-        if buffers["_a_stack"] is None or r > buffers["_a_stack"].shape[1] or slot >= buffers["_a_stack"].shape[0]:
+        if buffers["_a_stack"] is None or r > buffers["_a_stack"].shape[-2] or slot >= buffers["_a_stack"].shape[0]:
             self.fit_storage(r)
-        a_view, b_view = buffers["_a_stack"][slot, :r], buffers["_b_stack"][slot, :, :r]
+        a_view, b_view = buffers["_a_stack"][slot, ..., :r, :], buffers["_b_stack"][slot, ..., :r]
         with torch.no_grad():  # from pinned memory asynchronously (the pool's side stream)
             a_view.copy_(a, non_blocking=a.is_pinned())
             b_view.copy_(b, non_blocking=b.is_pinned())
@@ -426,10 +443,10 @@ class AdapterLayer(nn.Module):
         spec = self._book.specs[slot]
         old = self.specs.get(name)
         written, self._book.written = self._book.written, None
-        if written is not None and written[0] == slot and written[1].shape[0] == spec.r:
+        if written is not None and written[0] == slot and written[1].shape[-2] == spec.r:
             _, a_view, b_view = written
         else:
-            a_view, b_view = self._a_stack[slot, : spec.r], self._b_stack[slot, :, : spec.r]
+            a_view, b_view = self._a_stack[slot, ..., : spec.r, :], self._b_stack[slot, ..., : spec.r]
         lora_a, lora_b = self._modules["lora_A"], self._modules["lora_B"]  # no __getattr__ per load
         existing = lora_a._parameters.get(name)
         if existing is not None:
