@@ -36,12 +36,14 @@ from harness import ROOT, Ceilings, median, preset
 from report import cpu_name, markdown, plot, targets
 from workloads_adapters import w9_many_adapters
 from workloads_model import w7_generation, w8_training, w10_vllm, w11_distributed
+from workloads_dora import w15_training, w15_workloads
 from workloads_ops import lora_linear_workloads, merge_workloads, multi_lora_workloads, prefill_rate_workloads
 
 ALL_WORKLOADS = ["W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8", "W9"]
 ALL_WORKLOADS.append("W10")  # vLLM with the lora_ext plugin: benchmarks/vllm_w10.py
 ALL_WORKLOADS.append("W11")  # W8's step on 2 ranks (DDP, FSDP2): benchmarks/train_w11.py
 ALL_WORKLOADS.append("W12")  # the prefill shrink/expand kernels' rate, fp32 and bf16
+ALL_WORKLOADS.append("W15")  # DoRA vs LoRA vs PEFT's DoRA: benchmarks/workloads_dora.py
 
 
 def main(argv=None) -> int:
@@ -99,6 +101,8 @@ def main(argv=None) -> int:
             results += merge_workloads(device, args, ceil)
         if "W12" in selected:
             results += prefill_rate_workloads(device, args, ceil)
+        if "W15" in selected:
+            results += w15_workloads(device, main_dtype, args, ceil)
         ceilings[str(device)] = {"copy_gbps": ceil.copy_gbps, "gemm_gflops": ceil.gemm_gflops}
         for r in results:
             print(f"  {r['workload']:<11} {r['device']:<5} lora_ext {median(r, 'lora_ext'):.3f} ms", file=sys.stderr)
@@ -113,6 +117,8 @@ def main(argv=None) -> int:
         results.append(w10_vllm(args))
     if "W11" in selected:
         results.append(w11_distributed(args))
+    if "W15" in selected:
+        results.append(w15_training(args))
 
     report = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
