@@ -259,6 +259,13 @@ class DoRALinear(LoRALinear):
             rows.append((self.lora_magnitude_vector[n] / norm).to(dtype))
         return torch.stack(rows)
 
+    def reads_params(self, names, needs_grad: bool = False) -> bool:
+        if torch.is_grad_enabled():  # a trainable magnitude needs the autograd routes too
+            magnitudes = self._modules["lora_magnitude_vector"]._parameters
+            if any(n in magnitudes and magnitudes[n].requires_grad for n in names):
+                return True
+        return super().reads_params(names, needs_grad)
+
     # -- forward routes --------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         selection = self.manager.selection.active()

@@ -168,12 +168,12 @@ def test_ops_compile_fullgraph():
 # -- the layer kind against PEFT -----------------------------------------------------------------
 
 
-def _peft_dora(base, seed, r=4, alpha=8, targets=TARGETS, use_dora=True, rslora=False, dropout=0.0):
+def _peft_dora(base, seed, r=4, alpha=8, targets=TARGETS, use_dora=True, rslora=False, dropout=0.0, **patterns):
     """A PEFT model over a copy of ``base`` with random A, B and magnitudes; its files' content."""
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, use_dora=use_dora,
-                        use_rslora=rslora, lora_dropout=dropout, init_lora_weights=False)
+                        use_rslora=rslora, lora_dropout=dropout, init_lora_weights=False, **patterns)
     torch.manual_seed(seed)
     pm = get_peft_model(copy.deepcopy(base), config)
     g = torch.Generator().manual_seed(seed)
@@ -202,9 +202,13 @@ def ids():
 
 def test_one_dora_adapter_matches_peft(tiny_llama, ids):
     model, base = tiny_llama(), tiny_llama()
-    pm, state, config = _peft_dora(base, seed=1, rslora=True)
+    pm, state, config = _peft_dora(base, seed=1, rslora=True, rank_pattern={"down_proj": 2},
+                                   alpha_pattern={"v_proj": 3})
     lora_ext.load_adapter(model, state, "d", config=config)
     assert all(isinstance(m, DoRALinear) for _, m in lora_layers(model))
+    layers = dict(lora_layers(model))
+    assert layers["model.layers.1.mlp.down_proj"].specs["d"].r == 2
+    assert layers["model.layers.0.self_attn.v_proj"].specs["d"].alpha == 3
     torch.testing.assert_close(_logits(model, ids), _logits(pm, ids), rtol=1e-5, atol=1e-5)
 
 
@@ -262,6 +266,29 @@ def test_training_step_matches_peft(tiny_llama, ids):
             torch.testing.assert_close(p.grad, ref, rtol=1e-4, atol=1e-6)
             checked += 1
     assert checked == 3 * len(lora_layers(model))
+
+
+def test_training_with_dropout_matches_peft(tiny_llama, ids):
+    """PEFT's dropout form (W x + bias + (g - 1) W d(x) + g s B A d(x)): the same dropout
+    masks on both sides (one draw per adapted layer, in module order, from one seed)."""
+    model, base = tiny_llama(), tiny_llama()
+    pm, state, config = _peft_dora(base, seed=13, dropout=0.3)
+    lora_ext.load_adapter(model, state, "d", config=config)
+    for _, m in lora_layers(model):
+        for p in m.adapter_parameters("d"):
+            p.requires_grad_(True)
+    model.train(), pm.train()
+    torch.manual_seed(123)
+    loss = model(ids, labels=ids).loss
+    torch.manual_seed(123)
+    ref_loss = pm(ids, labels=ids).loss
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    loss.backward(), ref_loss.backward()
+    layer = dict(lora_layers(model))["model.layers.0.mlp.down_proj"]
+    ref = dict(pm.named_parameters())["base_model.model.model.layers.0.mlp.down_proj.lora_magnitude_vector.default.weight"]
+    torch.testing.assert_close(layer.lora_magnitude_vector["d"].grad, ref.grad, rtol=1e-4, atol=1e-6)
+    torch.manual_seed(124)
+    assert not torch.equal(model(ids, labels=ids).loss, loss)  # the masks do change
 
 
 def test_training_mixed_batch_gradients_match_rows_alone(tiny_llama, ids):
@@ -375,6 +402,22 @@ def test_many_adapters_pool_and_delete(tiny_llama, ids):
     torch.testing.assert_close(_logits(clone, ids, names), got, rtol=0, atol=0)
     doubled = copy.deepcopy(model).double()
     torch.testing.assert_close(_logits(doubled, ids, names).float(), got, rtol=1e-5, atol=1e-5)
+
+
+def test_pool_serves_dora_and_lora(tiny_llama, ids):
+    model, base = tiny_llama(), tiny_llama()
+    pool = lora_ext.AdapterPool(model, max_resident=2)
+    runs = {}
+    for i in range(3):
+        pm, state, config = _peft_dora(base, seed=80 + i, use_dora=i != 1)
+        pool.add(f"p{i}", state, config=config)
+        runs[f"p{i}"] = pm
+    for names in (["p0", "p1", None, "p0"], ["p2", "p2", "p1", None], ["p0", "p2", "p0", "p2"]):
+        pool.set_adapter(names)
+        got = _logits(model, ids)
+        for row, name in enumerate(names):
+            ref = _logits(runs[name] if name else base, ids[row : row + 1])
+            torch.testing.assert_close(got[row : row + 1], ref, rtol=1e-5, atol=1e-5)
 
 
 def test_compiled_model_does_not_recompile(tiny_llama, ids):
