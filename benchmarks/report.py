@@ -51,6 +51,9 @@ def targets(results: list[dict]) -> list[dict]:
             add(r, "DoRA layer time / LoRA layer time", e["dora_over_lora"], 1.1, False)
             if "peft_dora_over_dora" in e:
                 add(r, "speedup vs PEFT's DoRA", e["peft_dora_over_dora"], 1.0, True)
+        elif w == "W15-gen":
+            add(r, "DoRA batch time / LoRA batch time", e["dora_over_lora"], 1.1, False)
+            add(r, "speedup vs PEFT's DoRA (per adapter)", e["peft_dora_over_dora"], 1.0, True)
         elif w == "W15-train":
             add(r, "DoRA step time / LoRA step time", e["dora_over_lora"], 1.3, False)
             add(r, "speedup vs PEFT's DoRA step", e["peft_dora_over_dora"], 1.0, True)
@@ -136,7 +139,7 @@ def markdown(report: dict) -> str:
     lines += ["", "## End to end (W7, W8)", "", "| workload | variant | median s | p10..p90 s | tokens/s |",
               "|---|---|---:|---:|---:|"]
     for r in report["results"]:
-        if r["workload"] not in ("W7", "W8", "W9"):
+        if r["workload"] not in ("W7", "W8", "W9", "W15-gen", "W15-train"):
             continue
         for v in r["variants"]:
             if v.get("status") == NOT_YET:

@@ -36,7 +36,7 @@ from harness import ROOT, Ceilings, median, preset
 from report import cpu_name, markdown, plot, targets
 from workloads_adapters import w9_many_adapters
 from workloads_model import w7_generation, w8_training, w10_vllm, w11_distributed
-from workloads_dora import w15_training, w15_workloads
+from workloads_dora import w15_generation, w15_training, w15_workloads
 from workloads_ops import lora_linear_workloads, merge_workloads, multi_lora_workloads, prefill_rate_workloads
 
 ALL_WORKLOADS = ["W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8", "W9"]
@@ -118,6 +118,7 @@ def main(argv=None) -> int:
     if "W11" in selected:
         results.append(w11_distributed(args))
     if "W15" in selected:
+        results.append(w15_generation(args))
         results.append(w15_training(args))
 
     report = {

@@ -9,6 +9,8 @@ ranks, and against PEFT's DoRA.
   (PEFT refuses mixed batches with DoRA, so a mixed batch is one call per adapter; each
   forms ``B @ A`` and the weight norm again).
 - W15-norm: ``dora_weight_norm`` (one pass over W) against PEFT's norm (forms ``B @ A``).
+- W15-gen: W7's mixed batch on SmolLM2-135M with DoRA adapters against the same batch
+  with LoRA adapters, and against PEFT's DoRA (one generate per adapter's rows).
 - W15-train: W8's training step (SmolLM2-135M, r=16 on the seven projections, 8x128)
   with DoRA adapters against LoRA adapters, and against PEFT's DoRA.
 """
@@ -218,3 +220,96 @@ def w15_training(args) -> dict:
 
 def w15_workloads(device, dtype, args, ceil) -> list[dict]:
     return w15_ops(device, dtype, args, ceil)
+
+
+def w15_generation(args) -> dict:
+    """W7's mixed batch on SmolLM2 with DoRA adapters (lora_ext's one call per layer) against
+    the same batch with LoRA adapters of the same ranks, and against PEFT's DoRA, which
+    refuses mixed batches: one generate per adapter's rows (and one for the base rows)."""
+    desc = "W7's mixed batch on SmolLM2-135M with DoRA adapters (r=8, 7 projections): generated tokens/s"
+    try:
+        import peft
+        from lora_ext.apps import llm, tasks
+        from workloads_model import load_llm
+
+        lm, tok = load_llm()
+    except Exception as e:  # noqa: BLE001
+        return not_yet("W15-gen", desc, ["lora_ext_dora", "lora_ext_lora", "peft_dora_per_adapter"], f"{NOT_YET}: {e}")
+    rows = []
+    for name, task in tasks.TASKS.items():
+        rows += [(name, p) for p, _ in task.examples(2, seed=0)]
+    rows += [(None, q) for q, _ in tasks.BASE_QUESTIONS]
+    names, prompts = [n for n, _ in rows], [p for _, p in rows]
+    fixed = dict(max_new_tokens=args.gen_tokens, min_new_tokens=args.gen_tokens)
+    dora, lora = copy.deepcopy(lm), copy.deepcopy(lm)
+    gen = torch.Generator().manual_seed(0)
+    folders = {}
+    tmp = __import__("tempfile").mkdtemp(prefix="lora_ext_w15_")
+    for name in tasks.TASKS:
+        lora_ext.inject_lora(dora, LLAMA_TARGETS, r=8, alpha=16, adapter_name=name, init="gaussian", use_dora=True)
+        lora_ext.inject_lora(lora, LLAMA_TARGETS, r=8, alpha=16, adapter_name=name, init="gaussian")
+        with torch.no_grad():
+            for (_, d), (_, l) in zip(lora_ext.lora_layers(dora), lora_ext.lora_layers(lora)):
+                d.lora_B[name].copy_(torch.randn(d.lora_B[name].shape, generator=gen) * 0.01)
+                d.lora_magnitude_vector[name].mul_(1 + 0.05 * torch.randn(d.out_features, generator=gen))
+                l.lora_A[name].copy_(d.lora_A[name]), l.lora_B[name].copy_(d.lora_B[name])
+        lora_ext.save_adapter(dora, f"{tmp}/{name}", name)
+        folders[name] = f"{tmp}/{name}"
+    for model in (dora, lora):
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+    pm = None
+    for name, folder in folders.items():
+        if pm is None:
+            pm = peft.PeftModel.from_pretrained(copy.deepcopy(lm), folder, adapter_name=name)
+        else:
+            pm.load_adapter(folder, adapter_name=name)
+    pm.eval()
+    groups: dict = {}
+    for n, p in zip(names, prompts):
+        groups.setdefault(n, []).append(p)
+
+    def ours(model):
+        def run():
+            with lora_ext.use_adapter(model, names):
+                return llm.generate(model, tok, prompts, **fixed)
+        return run
+
+    def peft_per_adapter():
+        out = []
+        for name, group in groups.items():
+            if name is None:
+                with pm.disable_adapter():
+                    out.append(llm.generate(pm, tok, group, **fixed))
+            else:
+                pm.set_adapter(name)
+                out.append(llm.generate(pm, tok, group, **fixed))
+        return out
+
+    with torch.no_grad():
+        with lora_ext.use_adapter(dora, names):
+            ours_text = llm.generate(dora, tok, prompts, **fixed).texts
+        theirs = {}
+        for name, group in groups.items():
+            if name is None:
+                with pm.disable_adapter():
+                    texts = llm.generate(pm, tok, group, **fixed).texts
+            else:
+                pm.set_adapter(name)
+                texts = llm.generate(pm, tok, group, **fixed).texts
+            theirs[name] = iter(texts)
+        same = sum(t == next(theirs[n]) for n, t in zip(names, ours_text))
+        variants = measure(torch.device("cpu"), {
+            "lora_ext_dora": ours(dora), "lora_ext_lora": ours(lora), "peft_dora_per_adapter": peft_per_adapter,
+        }, args, reps=args.model_reps, warmup=1)
+    tokens = len(prompts) * args.gen_tokens
+    for v in variants:
+        v["tokens_per_s"] = tokens / (v["median_ms"] * 1e-3)
+    t = {v["name"]: v["median_ms"] for v in variants}
+    return {"workload": "W15-gen", "description": f"{desc}; {len(prompts)} rows ({names.count(None)} base), "
+            f"{args.gen_tokens} new tokens each, random adapters", "device": "cpu", "variants": variants,
+            "check_ok": same >= len(prompts) - 1,  # greedy text; a near-tie may flip one row
+            "extra": {"rows_same_text_as_peft": same, "rows": len(prompts),
+                      "dora_over_lora": t["lora_ext_dora"] / t["lora_ext_lora"],
+                      "peft_dora_over_dora": t["peft_dora_per_adapter"] / t["lora_ext_dora"]}}

@@ -141,6 +141,7 @@ class DoRALinear(LoRALinear):
         if old_m is not None and old_m.shape[0] == capacity and old_m.dtype == options["dtype"] \
                 and old_m.device == options["device"]:
             return
+        fresh = self._is_fresh()
         magnitude = torch.zeros(capacity, self.out_features, **options)
         row_scale = torch.ones(capacity, self.out_features, dtype=self._acc_dtype(), device=options["device"])
         if old_m is not None:
@@ -151,7 +152,7 @@ class DoRALinear(LoRALinear):
         self._magnitude, self._row_scale = magnitude, row_scale
         for name, p in self.lora_magnitude_vector.items():
             p.data = magnitude[self.manager.slot(name)]
-        self._dora_fresh = self._dora_state() if self._dora_fresh is not None else None
+        self._dora_fresh = self._dora_state() if fresh else None
 
     def fit_storage(self, min_rank: int = 0) -> None:
         super().fit_storage(min_rank)

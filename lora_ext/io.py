@@ -60,7 +60,8 @@ def save_adapter(
     """Write ``adapter_name`` to the folder ``path`` in PEFT's layout.
 
     Keys are ``base_model.model.<module path>.lora_A.weight`` (``[r, in]``) and
-    ``.lora_B.weight`` (``[out, r]``); layers whose rank or alpha differ from the most
+    ``.lora_B.weight`` (``[out, r]``), plus ``.lora_magnitude_vector`` (``[out]``) for a
+    DoRA adapter (``use_dora`` in the config); layers whose rank or alpha differ from the most
     common one are listed in ``rank_pattern``/``alpha_pattern``. ``dtype``: storage
     dtype (default: the adapter's own).
 
