@@ -44,11 +44,12 @@ ALL_WORKLOADS.append("W10")  # vLLM with the lora_ext plugin: benchmarks/vllm_w1
 ALL_WORKLOADS.append("W11")  # W8's step on 2 ranks (DDP, FSDP2): benchmarks/train_w11.py
 ALL_WORKLOADS.append("W12")  # the prefill shrink/expand kernels' rate, fp32 and bf16
 ALL_WORKLOADS.append("W15")  # DoRA vs LoRA vs PEFT's DoRA: benchmarks/workloads_dora.py
+W15_PARTS = ["W15-ops", "W15-gen", "W15-train"]  # W15 is all three; each can be run alone
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workloads", default=",".join(ALL_WORKLOADS), help="comma list of W1..W12")
+    p.add_argument("--workloads", default=",".join(ALL_WORKLOADS), help="comma list of W1..W15 (W15-ops, W15-gen, W15-train: parts of W15)")
     p.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     p.add_argument("--hidden", type=int)
     p.add_argument("--rank", type=int)
@@ -74,7 +75,9 @@ def main(argv=None) -> int:
         if getattr(args, k) is None:
             setattr(args, k, v)
     selected = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    bad = [w for w in selected if w not in ALL_WORKLOADS]
+    bad = [w for w in selected if w not in ALL_WORKLOADS + W15_PARTS]
+    if "W15" in selected:
+        selected += W15_PARTS
     if bad:
         p.error(f"unknown workload(s) {bad}; expected some of {ALL_WORKLOADS}")
     if args.threads:
@@ -101,7 +104,7 @@ def main(argv=None) -> int:
             results += merge_workloads(device, args, ceil)
         if "W12" in selected:
             results += prefill_rate_workloads(device, args, ceil)
-        if "W15" in selected:
+        if "W15-ops" in selected:
             results += w15_workloads(device, main_dtype, args, ceil)
         ceilings[str(device)] = {"copy_gbps": ceil.copy_gbps, "gemm_gflops": ceil.gemm_gflops}
         for r in results:
@@ -117,8 +120,9 @@ def main(argv=None) -> int:
         results.append(w10_vllm(args))
     if "W11" in selected:
         results.append(w11_distributed(args))
-    if "W15" in selected:
+    if "W15-gen" in selected:
         results.append(w15_generation(args))
+    if "W15-train" in selected:
         results.append(w15_training(args))
 
     report = {

@@ -494,3 +494,21 @@ def test_bad_dora_input_changes_nothing(tiny_llama):
     with pytest.raises(ValueError, match="cannot carry dora adapters"):
         lora_ext.inject_lora(other, ["0"], r=2, use_dora=True)
     assert type(other[0]) is _OtherLinear
+
+
+@pytest.mark.slow
+def test_w15_benchmark_tiny(tmp_path):
+    """benchmarks/run.py's W15 kernel part runs at tiny sizes and agrees with PEFT's DoRA."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "run.py"), "--tiny", "--device", "cpu",
+         "--workloads", "W15-ops", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads((tmp_path / "latest.json").read_text())["results"]
+    assert {r["workload"] for r in results} == {"W15-W1", "W15-W3", "W15-norm"}
+    assert all(r["check_ok"] for r in results)
