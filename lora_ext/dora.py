@@ -328,16 +328,14 @@ class DoRALinear(LoRALinear):
 
     def forward_dora_one(self, x: Tensor, slot: int) -> Tensor:
         """One adapter for the whole batch, with autograd: ``lora_linear`` times ``g``."""
-        name, spec = self.slot_adapter(slot)
+        name, _ = self.slot_adapter(slot)
         if name not in self.dora_names:
             return self.forward_one(x, slot)
+        a, b, spec = self.one_adapter(x, slot)
         if self.reads_params([name]):
-            a, b = self.adapter_factors(name)
             g = self.row_scales_of([name], x.dtype)[0]
         else:  # read by slot: a pinned forward keeps the weights it started with
-            a, b = self._a_stack[slot, : spec.r], self._b_stack[slot, :, : spec.r]
             g = self._row_scale[slot].to(x.dtype)
-        a, b = a.to(x.dtype), b.to(x.dtype)
         weight, bias = self.base_layer.weight, self.base_layer.bias
         if not (self.training and spec.dropout > 0):
             y = ops.lora_linear(x, weight, None, a, b, spec.scale) * g
