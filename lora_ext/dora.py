@@ -281,19 +281,21 @@ class DoRALinear(LoRALinear):
             return self.forward_dora_compiled(x, selection)
         if not any(n in self.dora_names for n in selection.used_names):
             return super().forward(x)  # LoRA adapters and base rows only: LoRA's routes
-        if not self._is_fresh():
+        reads_params = self.reads_params(selection.used_names)
+        if not reads_params and not self._is_fresh():  # the routes below read the cached g
             self.refresh_row_scales()
         slot = selection.uniform_slot
         if not (
             self.dropout_active()
-            or self.reads_params(selection.used_names, needs_grad=x.requires_grad)
+            or reads_params
+            or (x.requires_grad and torch.is_grad_enabled())
             or x.dtype != self._a_stack.dtype
             or torch.is_autocast_enabled(x.device.type)
         ):
             return self.forward_dora_inplace(x, selection)
         if slot is not None:
             return self.forward_dora_one(x, slot)
-        if self.reads_params(selection.used_names):
+        if reads_params:
             stacks = self.stack_params(selection.used_names, x.dtype)
             g = self.row_scales_of(selection.used_names, x.dtype)
             return self.forward_dora_rows(x, selection.row_index(x, compact=True), *stacks, g)
