@@ -53,6 +53,16 @@ def targets(results: list[dict]) -> list[dict]:
             add(r, "speedup vs peft_merge", median(r, "peft_merge") / ours, 5.0, True)
             if e.get("peak_extra_bytes_lora_ext") is not None:
                 add(r, "peak extra / weight bytes", e["peak_extra_bytes_lora_ext"] / e["weight_bytes"], 0.5, False)
+        elif w in ("W15-W1", "W15-W3"):  # issue 25: DoRA at LoRA's cost, faster than PEFT's DoRA
+            add(r, "DoRA layer time / LoRA layer time", e["dora_over_lora"], 1.1, False)
+            if "peft_dora_over_dora" in e:
+                add(r, "speedup vs PEFT's DoRA", e["peft_dora_over_dora"], 1.0, True)
+        elif w == "W15-gen":
+            add(r, "DoRA batch time / LoRA batch time", e["dora_over_lora"], 1.1, False)
+            add(r, "speedup vs PEFT's DoRA (per adapter)", e["peft_dora_over_dora"], 1.0, True)
+        elif w == "W15-train":
+            add(r, "DoRA step time / LoRA step time", e["dora_over_lora"], 1.3, False)
+            add(r, "speedup vs PEFT's DoRA step", e["peft_dora_over_dora"], 1.0, True)
         elif w == "W7":
             tps = {v["name"]: v["tokens_per_s"] for v in r["variants"]}
             add(r, "tokens/s vs PEFT adapter_names", tps["lora_ext"] / tps["peft_adapter_names"], 1.5, True)
@@ -139,7 +149,7 @@ def markdown(report: dict) -> str:
     lines += ["", "## End to end (W7, W8)", "", "| workload | variant | median s | p10..p90 s | tokens/s |",
               "|---|---|---:|---:|---:|"]
     for r in report["results"]:
-        if r["workload"] not in ("W7", "W8", "W9", "W14"):
+        if r["workload"] not in ("W7", "W8", "W9", "W14", "W15-gen", "W15-train"):
             continue
         for v in r["variants"]:
             if v.get("status") == NOT_YET:

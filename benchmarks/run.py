@@ -37,6 +37,7 @@ from harness import ROOT, Ceilings, median, preset
 from report import cpu_name, markdown, plot, targets
 from workloads_adapters import w9_many_adapters
 from workloads_model import w7_generation, w8_training, w10_vllm, w11_distributed
+from workloads_dora import w15_generation, w15_training, w15_workloads
 from workloads_ops import lora_linear_workloads, merge_workloads, multi_lora_workloads, prefill_rate_workloads
 from workloads_quant import w14_quantized
 
@@ -46,11 +47,13 @@ ALL_WORKLOADS.append("W11")  # W8's step on 2 ranks (DDP, FSDP2): benchmarks/tra
 ALL_WORKLOADS.append("W12")  # the prefill shrink/expand kernels' rate, fp32 and bf16
 ALL_WORKLOADS.append("W13")  # LoRA on a mixture of experts' layer: benchmarks/workloads_moe.py
 ALL_WORKLOADS.append("W14")  # serving adapters over quantized bases (NF4, int8): workloads_quant.py
+ALL_WORKLOADS.append("W15")  # DoRA vs LoRA vs PEFT's DoRA: benchmarks/workloads_dora.py
+W15_PARTS = ["W15-ops", "W15-gen", "W15-train"]  # W15 is all three; each can be run alone
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workloads", default=",".join(ALL_WORKLOADS), help="comma list of W1..W12")
+    p.add_argument("--workloads", default=",".join(ALL_WORKLOADS), help="comma list of W1..W15 (W15-ops, W15-gen, W15-train: parts of W15)")
     p.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     p.add_argument("--hidden", type=int)
     p.add_argument("--rank", type=int)
@@ -76,7 +79,9 @@ def main(argv=None) -> int:
         if getattr(args, k) is None:
             setattr(args, k, v)
     selected = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    bad = [w for w in selected if w not in ALL_WORKLOADS]
+    bad = [w for w in selected if w not in ALL_WORKLOADS + W15_PARTS]
+    if "W15" in selected:
+        selected += W15_PARTS
     if bad:
         p.error(f"unknown workload(s) {bad}; expected some of {ALL_WORKLOADS}")
     if args.threads:
@@ -107,6 +112,8 @@ def main(argv=None) -> int:
             from workloads_moe import w13_moe
 
             results += w13_moe(device, args, ceil)
+        if "W15-ops" in selected:
+            results += w15_workloads(device, main_dtype, args, ceil)
         ceilings[str(device)] = {"copy_gbps": ceil.copy_gbps, "gemm_gflops": ceil.gemm_gflops}
         for r in results:
             print(f"  {r['workload']:<11} {r['device']:<5} lora_ext {median(r, 'lora_ext'):.3f} ms", file=sys.stderr)
@@ -123,6 +130,10 @@ def main(argv=None) -> int:
         results.append(w11_distributed(args))
     if "W14" in selected:
         results.append(w14_quantized(args))
+    if "W15-gen" in selected:
+        results.append(w15_generation(args))
+    if "W15-train" in selected:
+        results.append(w15_training(args))
 
     report = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

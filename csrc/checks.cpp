@@ -337,6 +337,56 @@ void check_moe_lora_args(const at::Tensor& x, const at::Tensor& a_stack,
     check_size(*base, 1, b_stack.size(2), op, base_name, "out, from b_stack.size(2)");
     check_same_dtype(x, "x", *base, op, base_name);
     check_same_device(x, "x", *base, op, base_name);
+// -- DoRA ---------------------------------------------------------------------------------
+
+void check_dora_weight_norm_args(const at::Tensor& weight, const at::Tensor& lora_a,
+                                 const at::Tensor& lora_b) {
+  constexpr const char* op = "dora_weight_norm";
+  check_float(weight, op, "weight");
+  check_float(lora_a, op, "lora_a");
+  check_float(lora_b, op, "lora_b");
+  check_dim(weight, 2, op, "weight", "[out, in]");
+  check_dim(lora_a, 2, op, "lora_a", "[r, in]");
+  check_dim(lora_b, 2, op, "lora_b", "[out, r]");
+  check_size(lora_a, 1, weight.size(1), op, "lora_a", "in, from weight.size(1)");
+  check_size(lora_b, 0, weight.size(0), op, "lora_b", "out, from weight.size(0)");
+  check_size(lora_b, 1, lora_a.size(0), op, "lora_b", "r, from lora_a.size(0)");
+  TORCH_CHECK(lora_a.size(0) >= 1, op, ": rank lora_a.size(0) must be >= 1, got ",
+              lora_a.size(0));
+  check_same_dtype(weight, "weight", lora_a, op, "lora_a");
+  check_same_dtype(weight, "weight", lora_b, op, "lora_b");
+  check_same_device(weight, "weight", lora_a, op, "lora_a");
+  check_same_device(weight, "weight", lora_b, op, "lora_b");
+  TORCH_CHECK((weight.size(1) <= 1 || weight.stride(1) == 1) &&
+                  (weight.size(0) <= 1 || weight.stride(0) >= weight.size(1)),
+              op, ": weight must have unit column stride and non-overlapping rows, got strides ",
+              weight.strides());
+}
+
+void check_multi_dora_add_args(const at::Tensor& y, const at::Tensor& x,
+                               const at::Tensor& a_stack, const at::Tensor& b_stack,
+                               const at::Tensor& indices, const at::Tensor& scales,
+                               const std::optional<at::Tensor>& ranks,
+                               const at::Tensor& row_scale, const std::optional<at::Tensor>& bias) {
+  check_multi_lora_add_args(y, x, a_stack, b_stack, indices, scales, ranks);
+  constexpr const char* op = "multi_dora_add_";
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(row_scale.defined() && row_scale.scalar_type() == acc, op, ": row_scale must be ",
+              acc, " (the accumulation type of ", x.scalar_type(), "), got ",
+              row_scale.defined() ? c10::toString(row_scale.scalar_type()) : "None");
+  TORCH_CHECK(row_scale.dim() == 2 && row_scale.size(0) == a_stack.size(0) &&
+                  row_scale.size(1) == b_stack.size(1),
+              op, ": row_scale must have shape [N, out] = [", a_stack.size(0), ", ",
+              b_stack.size(1), "], got ", row_scale.sizes());
+  check_same_device(x, "x", row_scale, op, "row_scale");
+  check_no_shared_memory(y, "y", row_scale, op, "row_scale");
+  if (bias.has_value() && bias->defined()) {
+    check_float(*bias, op, "bias");
+    check_same_dtype(x, "x", *bias, op, "bias");
+    check_same_device(x, "x", *bias, op, "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == b_stack.size(1), op,
+                ": bias must have shape [out] = [", b_stack.size(1), "], got ", bias->sizes());
+    check_no_shared_memory(y, "y", *bias, op, "bias");
   }
 }
 

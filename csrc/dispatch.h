@@ -75,5 +75,15 @@ void check_moe_lora_args(const at::Tensor& x, const at::Tensor& a_stack,
                          const std::optional<at::Tensor>& ranks,
                          const std::optional<at::Tensor>& base, const char* op,
                          const char* base_name = "base");
+// DoRA (csrc/cpu/dora.cpp): weight [out, in] with unit column stride, lora_a [r, in],
+// lora_b [out, r], one dtype and device.
+void check_dora_weight_norm_args(const at::Tensor& weight, const at::Tensor& lora_a,
+                                 const at::Tensor& lora_b);
+// multi_lora_add_'s checks plus row_scale [N, out] (fp32; fp64 for double) and bias [out].
+void check_multi_dora_add_args(const at::Tensor& y, const at::Tensor& x,
+                               const at::Tensor& a_stack, const at::Tensor& b_stack,
+                               const at::Tensor& indices, const at::Tensor& scales,
+                               const std::optional<at::Tensor>& ranks,
+                               const at::Tensor& row_scale, const std::optional<at::Tensor>& bias);
 
 }  // namespace lora_ext

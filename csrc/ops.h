@@ -85,5 +85,21 @@ LORA_EXT_DECLARE_BACKEND(cuda)
 LORA_EXT_DECLARE_MOE(cpu)
 LORA_EXT_DECLARE_MOE(cuda)
 #undef LORA_EXT_DECLARE_MOE
+// DoRA (weight-decomposed LoRA): csrc/cpu/dora.cpp, csrc/cuda/dora.cu.
+#define LORA_EXT_DECLARE_DORA(ns)                                                           \
+  namespace ns {                                                                            \
+  /* ||weight[o] + scale * lora_b[o] @ lora_a|| per row o: [out], fp32 (fp64 for double). */ \
+  at::Tensor dora_weight_norm(const at::Tensor& weight, const at::Tensor& lora_a,           \
+                              const at::Tensor& lora_b, double scale);                      \
+  /* y[t] = row_scale[i] * (y[t] + update of row t) + bias; rows with -1: y[t] + bias. */   \
+  void multi_dora_add_(at::Tensor& y, const at::Tensor& x, const at::Tensor& a_stack,       \
+                       const at::Tensor& b_stack, const at::Tensor& indices,                \
+                       const at::Tensor& scales, const std::optional<at::Tensor>& ranks,    \
+                       const at::Tensor& row_scale, const std::optional<at::Tensor>& bias); \
+  }
+LORA_EXT_DECLARE_DORA(cpu)
+LORA_EXT_DECLARE_DORA(cuda)
+#undef LORA_EXT_DECLARE_DORA
+
 
 }  // namespace lora_ext

@@ -10,6 +10,7 @@ from .ops import lora_linear, merge_, multi_lora, unmerge_
 from .storage import AdapterLayer, AdapterSpec
 from .layers import LoRALinear
 from .quantized import QuantizedLoRALinear, dequantize_linear
+from .dora import DoRALinear
 from .model import (
     active_adapters,
     delete_adapter,
@@ -38,6 +39,7 @@ __all__ = [
     "LoRALinear",
     "QuantizedLoRALinear",
     "dequantize_linear",
+    "DoRALinear",
     "inject_lora",
     "set_adapter",
     "use_adapter",

@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from .lifecycle import AdapterPlan, LayerPlan, cannot_add_reason, layer_kind, lora_layers, manager_of, named_modules, supported_kinds
+from .lifecycle import AdapterPlan, LayerPlan, cannot_add_reason, kind_for, layer_kind, lora_layers, manager_of, named_modules, supported_kinds
 from .lifecycle import parameter_target
 from . import moe
 from .model import list_adapters, resolve_targets
@@ -28,7 +28,6 @@ _PREFIX = "base_model.model."
 
 # Config fields naming PEFT features lora_ext cannot honour: each must be unset/false.
 _UNSUPPORTED = {
-    "use_dora": "DoRA adapters",
     "fan_in_fan_out": "fan_in_fan_out (Conv1D layers)",
     "modules_to_save": "modules_to_save (fully trained extra modules)",
     "layer_replication": "layer_replication",
@@ -62,7 +61,8 @@ def save_adapter(
     """Write ``adapter_name`` to the folder ``path`` in PEFT's layout.
 
     Keys are ``base_model.model.<module path>.lora_A.weight`` (``[r, in]``) and
-    ``.lora_B.weight`` (``[out, r]``); layers whose rank or alpha differ from the most
+    ``.lora_B.weight`` (``[out, r]``), plus ``.lora_magnitude_vector`` (``[out]``) for a
+    DoRA adapter (``use_dora`` in the config); layers whose rank or alpha differ from the most
     common one are listed in ``rank_pattern``/``alpha_pattern``. ``dtype``: storage
     dtype (default: the adapter's own).
 
@@ -85,6 +85,9 @@ def save_adapter(
     rslora = {s.use_rslora for s in specs.values()}
     if len(rslora) > 1:
         raise ValueError(f"adapter {adapter_name!r} mixes rsLoRA and plain layers; PEFT's format has one flag")
+    dora = {s.use_dora for s in specs.values()}
+    if len(dora) > 1:
+        raise ValueError(f"adapter {adapter_name!r} mixes DoRA and plain LoRA layers; PEFT's format has one flag")
     r = Counter(s.r for s in specs.values()).most_common(1)[0][0]
     alpha = Counter(s.alpha for s in specs.values()).most_common(1)[0][0]
     dropout = Counter(s.dropout for s in specs.values()).most_common(1)[0][0]
@@ -110,7 +113,7 @@ def save_adapter(
         "rank_pattern": {n: s.r for n, s in specs.items() if s.r != r},
         "alpha_pattern": {n: s.alpha for n, s in specs.items() if s.alpha != alpha},
         "bias": "none",
-        "use_dora": False,
+        "use_dora": dora.pop(),
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "modules_to_save": None,
@@ -129,6 +132,8 @@ def save_adapter(
             tensors[f"{_PREFIX}{n}.{key}.weight"] = t.to(dtype or t.dtype).cpu().clone(
                 memory_format=torch.contiguous_format
             )
+        for key, t in m.extra_weights(adapter_name).items():  # DoRA: lora_magnitude_vector
+            tensors[f"{_PREFIX}{n}.{key}"] = t.to(dtype or t.dtype).cpu().clone(memory_format=torch.contiguous_format)
     if not distributed or torch.distributed.get_rank() == 0:
         os.makedirs(path, exist_ok=True)
         save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
@@ -295,8 +300,9 @@ def _split_key(key: str, file: str) -> tuple[str, str]:
         suffix = f".{which}.weight"
         if body.endswith(suffix) and len(body) > len(suffix):
             return body[: -len(suffix)], which
-    if "lora_magnitude_vector" in key:
-        raise ValueError(f"{file}: {key!r} belongs to a DoRA adapter, which is not supported")
+    for suffix in (".lora_magnitude_vector", ".lora_magnitude_vector.weight"):  # DoRA (PEFT saves the first)
+        if body.endswith(suffix) and len(body) > len(suffix):
+            return body[: -len(suffix)], "magnitude"
     if "lora_embedding" in key:
         raise ValueError(f"{file}: {key!r} is an embedding LoRA; only nn.Linear layers are supported")
     if key.endswith(".bias"):
@@ -347,7 +353,7 @@ def load_adapter(
     compiled model this triggers no recompilation.
 
     Everything is checked before the model is touched: a missing or unreadable file, a
-    feature lora_ext cannot honour (DoRA, biases, other layer types), missing or extra
+    feature lora_ext cannot honour (biases, other layer types, DoRA on a layer kind without it), missing or extra
     keys, a shape that does not fit, a rank above the capacity set with
     :func:`~lora_ext.reserve_adapters` raises and changes nothing. Returns ``model``.
     """
@@ -402,11 +408,19 @@ def _plan(model: nn.Module, config: dict, tensors: Mapping, where: str, modules:
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     dropout = float(config.get("lora_dropout", 0.0) or 0.0)
     rslora = bool(config.get("use_rslora", False))
+    dora = bool(config.get("use_dora", False))
     plan = AdapterPlan()
     for module_path, pair in pairs.items():
+        extras = {"magnitude": pair.pop("magnitude")} if "magnitude" in pair else {}
         if set(pair) != {"lora_A", "lora_B"}:
             missing = ({"lora_A", "lora_B"} - set(pair)).pop()
             raise ValueError(f"{where}: {module_path} has no {missing}.weight")
+        if dora != bool(extras):
+            raise ValueError(
+                f"{where}: {module_path} has no lora_magnitude_vector, which a DoRA adapter (use_dora) needs"
+                if dora else f"{where}: {module_path}.lora_magnitude_vector belongs to a DoRA adapter, "
+                "but the config does not set use_dora"
+            )
         module = by_path.get(module_path) if module_path else None
         a, b = pair["lora_A"], pair["lora_B"]
         r = _pattern_value(rank_pattern, module_path, r_default)
@@ -414,6 +428,8 @@ def _plan(model: nn.Module, config: dict, tensors: Mapping, where: str, modules:
         r, alpha = expert_specs.get(module_path, (r, alpha))  # experts' gate + up: rank 2r
         target = parameter_target(by_path, module_path) if module is None else None
         if target is not None:  # a parameter a wrapper will adapt (a mixture's experts)
+            if dora:
+                raise ValueError(f"{where}: {module_path}: expert parameters cannot carry dora adapters")
             problem = target.weights_problem(a, b, r)
             if problem is not None:
                 raise ValueError(f"{where}: {module_path} {problem}")
@@ -433,12 +449,16 @@ def _plan(model: nn.Module, config: dict, tensors: Mapping, where: str, modules:
             raise ValueError(
                 f"{where}: {module_path} is sharded (FSDP2); load adapters before fully_shard"
             )
-        problem = kind.weights_problem(module, a, b, r)
+        spec = _shared_spec(int(r), float(alpha), dropout, rslora, dora)
+        kind = kind_for(module, spec)
+        if kind is None:
+            raise ValueError(f"{where}: {module_path} is a {type(module).__name__}, which cannot carry {spec.variant} adapters")
+        problem = kind.weights_problem(module, a, b, r) or kind.extras_problem(module, spec, extras)
         if problem is not None:
             raise ValueError(f"{where}: {module_path} {problem}")
         if not (a.is_floating_point() and b.is_floating_point()):
             raise ValueError(f"{where}: {module_path} weights must be floating point, got {a.dtype}")
-        plan.layers[module_path] = LayerPlan(_shared_spec(int(r), float(alpha), dropout, rslora), a, b)
+        plan.layers[module_path] = LayerPlan(spec, a, b, extras)
     _check_finite(plan, where)
     module_paths = {p for p in plan.layers if not isinstance(by_path.get(p), moe.ExpertsProjection) and p in by_path}
     _check_targets(model, config, module_paths, where, modules)
@@ -447,7 +467,7 @@ def _plan(model: nn.Module, config: dict, tensors: Mapping, where: str, modules:
 
 def _check_finite(plan: AdapterPlan, where: str) -> None:
     """A damaged or diverged adapter (every output row it touched would be NaN or inf) is refused."""
-    tensors = [t for part in plan.layers.values() for t in (part.a, part.b)]
+    tensors = [t for part in plan.layers.values() for t in (part.a, part.b, *part.extras.values())]
     # One multi-tensor norm per dtype: NaN and inf propagate, so finite norms clear every
     # element (isfinite over each tensor is ~10x slower). A norm that overflows, or a
     # non-finite element, goes on to the per-tensor search, which names the culprit.
@@ -457,9 +477,9 @@ def _check_finite(plan: AdapterPlan, where: str) -> None:
     if all(bool(torch.isfinite(torch.stack(torch._foreach_norm(ts)).sum())) for ts in by_dtype.values()):
         return
     for path, part in plan.layers.items():
-        for which, t in (("lora_A", part.a), ("lora_B", part.b)):
+        for which, t in (("lora_A.weight", part.a), ("lora_B.weight", part.b), *part.extras.items()):
             if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{where}: {path}.{which}.weight holds non-finite values (NaN or inf)")
+                raise ValueError(f"{where}: {path}.{which} holds non-finite values (NaN or inf)")
     # every element finite: the sum overflowed
 
 

@@ -208,12 +208,7 @@ class LoRALinear(AdapterLayer):
 
     def forward_rows(self, x, index, a_stack, b_stack, scales, ranks, dropout) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
-        x_lora = x2
-        if self.dropout_active():
-            # Each row dropped out with its own adapter's probability (PEFT's semantics).
-            p = torch.where(index >= 0, dropout[index.clamp(min=0).long()], 0.0)[:, None]
-            keep = torch.rand_like(p.expand(-1, self.in_features)) >= p
-            x_lora = x2 * keep.to(x2.dtype) / (1.0 - p).to(x2.dtype)
+        x_lora = row_dropout(x2, index, dropout) if self.dropout_active() else x2
         out = ops.multi_lora(x_lora, a_stack, b_stack, index, scales, ranks, self.forward_base(x2))
         return out.reshape(*x.shape[:-1], self.out_features)
 
@@ -271,6 +266,14 @@ class LoRALinear(AdapterLayer):
         super().__setstate__(state)
         if self.merge_record is not None:  # a copy: its weight holds the merged bits it was copied with
             self.merge_record.refresh_weight_state(self.base_layer.weight)
+
+
+def row_dropout(x2: Tensor, index: Tensor, dropout: Tensor) -> Tensor:
+    """Each row of ``x2`` ``[T, in]`` dropped out with its own adapter's probability
+    (``dropout[index[t]]``; none for -1 rows): PEFT's semantics for a mixed batch."""
+    p = torch.where(index >= 0, dropout[index.clamp(min=0).long()], 0.0)[:, None]
+    keep = torch.rand_like(p.expand(-1, x2.shape[1])) >= p
+    return x2 * keep.to(x2.dtype) / (1.0 - p).to(x2.dtype)
 
 
 register_layer_kind(nn.Linear, LoRALinear)

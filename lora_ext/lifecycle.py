@@ -63,6 +63,28 @@ def layer_kind(module: nn.Module) -> Optional[Callable]:
     return None
 
 
+# Adapter variants (AdapterSpec.variant, e.g. "dora"): variant -> {layer class: the layer
+# class that carries adapters of that variant as well as plain ones}.
+_VARIANT_KINDS: dict[str, dict[type, type]] = {}
+
+
+def register_variant_kind(variant: str, layer_class: type, variant_class: type) -> None:
+    """Adapters of ``variant`` go into ``variant_class`` layers where ``layer_class`` would
+    hold a plain adapter: a plain module is wrapped in ``variant_class``, and an existing
+    ``layer_class`` layer is converted in place by ``variant_class.convert(layer)`` (its
+    adapters and parameters stay as they are)."""
+    _VARIANT_KINDS.setdefault(variant, {})[layer_class] = variant_class
+
+
+def kind_for(module: nn.Module, spec: AdapterSpec) -> Optional[type]:
+    """The layer class that holds an adapter of ``spec`` on ``module`` (None: none can)."""
+    kind = layer_kind(module)
+    if kind is None or spec.variant is None:
+        return kind
+    carriers = _VARIANT_KINDS.get(spec.variant, {})
+    return kind if kind in carriers.values() else carriers.get(kind)
+
+
 def cannot_add_reason(module: nn.Module) -> Optional[str]:
     """Why ``module`` takes no new adapter (a sharded layer says so); None: it does."""
     return module.cannot_add_reason() if isinstance(module, AdapterLayer) else None
@@ -141,6 +163,9 @@ class LayerPlan:
     spec: AdapterSpec
     a: Optional[Tensor] = None
     b: Optional[Tensor] = None
+    # Weights a layer kind takes besides A and B (DoRA: {"magnitude": [out]}), passed to
+    # its write_slot as keyword arguments; checked by its extras_problem.
+    extras: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -307,6 +332,8 @@ class AdapterManager:
             module = by_path.get(path)
             if module is None:
                 target = parameter_target(by_path, path)
+                if target is not None and part.spec.variant is not None:
+                    raise ValueError(f"{path}: a {target.parameter} parameter cannot carry {part.spec.variant} adapters")
                 if target is not None:
                     found[path] = target
                     continue
@@ -318,6 +345,10 @@ class AdapterManager:
             reason = cannot_add_reason(module)
             if reason is not None:
                 raise ValueError(f"{path}: {reason}")
+            if kind_for(module, part.spec) is None:
+                raise ValueError(
+                    f"{path}: a {type(module).__name__} cannot carry {part.spec.variant} adapters"
+                )
             if not path and not isinstance(module, AdapterLayer):
                 raise ValueError("the model itself is a plain layer; wrap it in a LoRA layer directly")
             found[path] = module
@@ -345,11 +376,14 @@ class AdapterManager:
                         parent, _, child = module.module_path.rpartition(".")
                         setattr(by_path[parent], child, wrapper)
                     module = getattr(wrapper, module.parameter)
-                elif not isinstance(module, AdapterLayer):
+                kind = kind_for(module, plan.layers[path].spec)
+                if not isinstance(module, AdapterLayer):
                     by_path = by_path or dict(modules)
-                    module = layer_kind(module)(module, self)
+                    module = kind(module, self)
                     parent, _, child = path.rpartition(".")
                     setattr(by_path[parent], child, module)
+                elif type(module) is not kind:  # a plain layer that must carry a variant
+                    kind.convert(module)
                 layers.append(module)
             parts = [plan.layers[path] for path in found]
             weights = [
@@ -358,7 +392,7 @@ class AdapterManager:
             ]
             slot = self._take_slot()
             for layer, part, (a, b) in zip(layers, parts, weights):
-                layer.write_slot(slot, name, part.spec, a, b)
+                layer.write_slot(slot, name, part.spec, a, b, **part.extras)
                 layer.point(name, slot, requires_grad)
             self._slot_of[name] = slot
         return layers
@@ -393,6 +427,8 @@ class AdapterManager:
         for path, layer in layers.items():
             if layer.merged_adapter == name:
                 raise ValueError(f"adapter {name!r} is merged; unmerge_adapter before replacing it")
+            if plan.layers[path].spec.use_dora != layer.specs[name].use_dora:
+                raise ValueError(f"replacing {name!r}: {path} cannot change between LoRA and DoRA")
             if plan.layers[path].spec.r != layer.specs[name].r:
                 raise ValueError(
                     f"replacing {name!r}: {path} has rank {layer.specs[name].r}, the "
@@ -403,7 +439,7 @@ class AdapterManager:
             new = self._take_slot()
             for path, layer in layers.items():
                 part = plan.layers[path]
-                layer.write_slot(new, name, part.spec, part.a, part.b)
+                layer.write_slot(new, name, part.spec, part.a, part.b, **part.extras)
             old = self._slot_of[name]
             self._slot_of[name] = new
             for layer in layers.values():

@@ -89,14 +89,18 @@ def inject_lora(
     use_rslora: bool = False,
     adapter_name: str = "default",
     init: str = "default",
+    use_dora: bool = False,
 ) -> nn.Module:
     """Add a trainable LoRA adapter to every ``nn.Linear`` that ``target_modules`` selects.
 
     Matching modules become :class:`LoRALinear` (modules that already are get one more
     adapter). Every other parameter is frozen; the new adapter is the only trainable
     one and becomes the model-wide selection. Returns ``model``.
+
+    ``use_dora``: a DoRA adapter (PEFT's ``use_dora=True``; :mod:`lora_ext.dora`), its
+    magnitude initialised as PEFT does.
     """
-    spec = AdapterSpec(int(r), float(alpha), float(dropout), bool(use_rslora))
+    spec = AdapterSpec(int(r), float(alpha), float(dropout), bool(use_rslora), bool(use_dora))
     plan = AdapterPlan({p: LayerPlan(spec) for p in resolve_targets(model, target_modules)}, init=init)
     manager = manager_of(model)
     manager.attach(model, adapter_name, plan, requires_grad=True)  # checks first: a refusal changes nothing
@@ -104,8 +108,8 @@ def inject_lora(
         p.requires_grad_(False)
     for _, layer in lora_layers(model):
         if adapter_name in layer.specs:
-            layer.lora_A[adapter_name].requires_grad_(True)
-            layer.lora_B[adapter_name].requires_grad_(True)
+            for p in layer.adapter_parameters(adapter_name):
+                p.requires_grad_(True)
     manager.select(adapter_name)
     return model
 

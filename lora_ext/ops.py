@@ -366,3 +366,53 @@ def _moe_lora_backward(ctx, grad):
 
 
 torch.library.register_autograd("lora_ext::moe_lora", _moe_lora_backward, setup_context=_moe_lora_setup_context)
+
+
+# ---------------------------------------------------------------------------
+# DoRA (weight-decomposed LoRA): lora_ext/dora.py is the layer kind.
+
+
+def dora_weight_norm(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float) -> Tensor:
+    """``||weight[o] + scale * (lora_b @ lora_a)[o]||_2`` per output row o, in one pass.
+
+    weight: ``[out, in]`` (unit column stride); lora_a: ``[r, in]``; lora_b: ``[out, r]``,
+    one dtype. Returns ``[out]`` fp32 (fp64 for double). ``lora_b @ lora_a`` is never
+    formed: each tile of the merged weight is built in a cache-sized buffer, rounded to the
+    weight's dtype (as a merged weight is), and squared in fp32. Not differentiable: DoRA
+    detaches the norm (PEFT and the paper, section 4.3).
+    """
+    return _ops.dora_weight_norm.default(weight, lora_a, lora_b, float(scale))
+
+
+def multi_dora_add_(
+    y: Tensor,
+    x: Tensor,
+    a_stack: Tensor,
+    b_stack: Tensor,
+    indices: Tensor,
+    scales: Tensor,
+    ranks: Optional[Tensor],
+    row_scale: Tensor,
+    bias: Optional[Tensor] = None,
+) -> None:
+    """In place, DoRA rows: :func:`multi_lora_add_` then each row's output scale and the bias.
+
+    y: ``[T, out]``, holding ``x @ weight.T`` *without* the bias; row_scale: ``[N, out]``
+    fp32 (fp64 for double), DoRA's ``magnitude / ||W + s B A||`` for a DoRA slot and 1 for
+    a plain LoRA slot; bias: ``[out]`` or None. Row t with ``i = indices[t] >= 0`` becomes
+    ``row_scale[i] * (y[t] + scales[i] * B_i A_i x[t]) + bias``, a row with -1
+    ``y[t] + bias``. Other arguments as for :func:`multi_lora_add_`; on any error y is
+    left unchanged.
+    """
+    _ops.multi_dora_add_.default(y, x, a_stack, b_stack, indices, scales, ranks, row_scale, bias)
+    _increment_version(y)
+
+
+@torch.library.register_fake("lora_ext::dora_weight_norm")
+def _dora_weight_norm_fake(weight, lora_a, lora_b, scale):
+    return weight.new_empty((weight.shape[0],), dtype=_acc_dtype(weight.dtype))
+
+
+@torch.library.register_fake("lora_ext::multi_dora_add_")
+def _multi_dora_add_fake(y, x, a_stack, b_stack, indices, scales, ranks, row_scale, bias):
+    return None

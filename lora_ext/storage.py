@@ -64,10 +64,16 @@ class AdapterSpec:
     alpha: float
     dropout: float = 0.0
     use_rslora: bool = False
+    use_dora: bool = False  # a DoRA adapter (lora_ext.dora): it needs a layer kind that carries it
 
     @property
     def scale(self) -> float:
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+    @property
+    def variant(self) -> Optional[str]:
+        """The LoRA variant this adapter needs its layer to carry (None: plain LoRA)."""
+        return "dora" if self.use_dora else None
 
     def validate(self) -> None:
         if not isinstance(self.r, int) or self.r < 1:
@@ -210,6 +216,17 @@ class AdapterLayer(nn.Module):
             )
         return None
 
+    @classmethod
+    def extras_problem(cls, module: nn.Module, spec: AdapterSpec, extras: dict) -> Optional[str]:
+        """Why a plan's per-kind extra weights (``LayerPlan.extras``, e.g. DoRA's
+        magnitude) do not fit ``module`` (None: they do). This kind takes none."""
+        return f"takes no {', '.join(sorted(extras))}" if extras else None
+
+    def extra_weights(self, name: str) -> dict[str, Tensor]:
+        """Per-kind weights of ``name`` besides A and B, whole and detached, to save
+        (file key suffix -> tensor). This kind has none."""
+        return {}
+
     def cannot_add_reason(self) -> Optional[str]:
         """Why this layer takes no new adapters (None: it does). Sharded layers say so."""
         return None
@@ -217,6 +234,10 @@ class AdapterLayer(nn.Module):
     def adapter_factors(self, name: str) -> tuple[Tensor, Tensor]:
         """``(A, B)`` parameters of ``name`` as autograd should see them."""
         return self.lora_A[name], self.lora_B[name]
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        """Every parameter of adapter ``name`` (what training makes trainable)."""
+        return [self.lora_A[name], self.lora_B[name]]
 
     def full_weights(self, name: str) -> tuple[Tensor, Tensor]:
         """``(A, B)`` of ``name`` whole and detached (FSDP2's DTensors gathered), to save."""
