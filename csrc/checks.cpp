@@ -337,6 +337,9 @@ void check_moe_lora_args(const at::Tensor& x, const at::Tensor& a_stack,
     check_size(*base, 1, b_stack.size(2), op, base_name, "out, from b_stack.size(2)");
     check_same_dtype(x, "x", *base, op, base_name);
     check_same_device(x, "x", *base, op, base_name);
+  }
+}
+
 // -- DoRA ---------------------------------------------------------------------------------
 
 void check_dora_weight_norm_args(const at::Tensor& weight, const at::Tensor& lora_a,

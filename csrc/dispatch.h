@@ -75,6 +75,7 @@ void check_moe_lora_args(const at::Tensor& x, const at::Tensor& a_stack,
                          const std::optional<at::Tensor>& ranks,
                          const std::optional<at::Tensor>& base, const char* op,
                          const char* base_name = "base");
+
 // DoRA (csrc/cpu/dora.cpp): weight [out, in] with unit column stride, lora_a [r, in],
 // lora_b [out, r], one dtype and device.
 void check_dora_weight_norm_args(const at::Tensor& weight, const at::Tensor& lora_a,

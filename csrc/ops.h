@@ -85,6 +85,7 @@ LORA_EXT_DECLARE_BACKEND(cuda)
 LORA_EXT_DECLARE_MOE(cpu)
 LORA_EXT_DECLARE_MOE(cuda)
 #undef LORA_EXT_DECLARE_MOE
+
 // DoRA (weight-decomposed LoRA): csrc/cpu/dora.cpp, csrc/cuda/dora.cu.
 #define LORA_EXT_DECLARE_DORA(ns)                                                           \
   namespace ns {                                                                            \

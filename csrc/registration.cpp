@@ -44,6 +44,15 @@ TORCH_LIBRARY(lora_ext, m) {
   // Which kernel merge_exact_ runs for weight's device and dtype ("cpu/avx512", "cuda"):
   // an exact merge is undone exactly only by the same one (rounding differs).
   m.def("merge_variant(Tensor weight) -> str");
+  // DoRA. ||weight[o] + scale * (lora_b @ lora_a)[o]|| per output row ([out], fp32; fp64
+  // for double), in one pass over weight without forming lora_b @ lora_a.
+  m.def("dora_weight_norm(Tensor weight, Tensor lora_a, Tensor lora_b, float scale) -> Tensor");
+  // multi_lora_add_ with DoRA's epilogue: y[t] = row_scale[i] * (y[t] + scales[i] B_i (A_i x_t))
+  // + bias for rows with an adapter i (row_scale [N, out] fp32: 1 for plain LoRA slots),
+  // y[t] + bias for rows with -1. y holds x @ weight.T without the bias.
+  m.def(
+      "multi_dora_add_(Tensor(a!) y, Tensor x, Tensor a_stack, Tensor b_stack, Tensor indices, "
+      "Tensor scales, Tensor? ranks, Tensor row_scale, Tensor? bias) -> ()");
   // LoRA on a mixture of experts' routed pairs: row p (a token's copy for one expert)
   // uses block (adapters[p] (-1: none), experts[p]) of a_stack [C, E, R, in] and
   // b_stack [C, E, out, R]: base[p] + scales[c] * B_ce (A_ce x_p), cut to ranks[c].
@@ -57,14 +66,5 @@ TORCH_LIBRARY(lora_ext, m) {
       "moe_lora_backward(Tensor grad_out, Tensor x, Tensor a_stack, Tensor b_stack, "
       "Tensor experts, Tensor adapters, Tensor scales, Tensor? ranks, bool[3] output_mask) -> "
       "(Tensor, Tensor, Tensor)");
-  // DoRA. ||weight[o] + scale * (lora_b @ lora_a)[o]|| per output row ([out], fp32; fp64
-  // for double), in one pass over weight without forming lora_b @ lora_a.
-  m.def("dora_weight_norm(Tensor weight, Tensor lora_a, Tensor lora_b, float scale) -> Tensor");
-  // multi_lora_add_ with DoRA's epilogue: y[t] = row_scale[i] * (y[t] + scales[i] B_i (A_i x_t))
-  // + bias for rows with an adapter i (row_scale [N, out] fp32: 1 for plain LoRA slots),
-  // y[t] + bias for rows with -1. y holds x @ weight.T without the bias.
-  m.def(
-      "multi_dora_add_(Tensor(a!) y, Tensor x, Tensor a_stack, Tensor b_stack, Tensor indices, "
-      "Tensor scales, Tensor? ranks, Tensor row_scale, Tensor? bias) -> ()");
 }
 
