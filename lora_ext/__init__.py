@@ -11,6 +11,7 @@ from .storage import AdapterLayer, AdapterSpec
 from .layers import LoRALinear
 from .quantized import QuantizedLoRALinear, dequantize_linear
 from .dora import DoRALinear
+from .moe import ExpertsProjection, LoRAExperts
 from .model import (
     active_adapters,
     delete_adapter,
@@ -40,6 +41,8 @@ __all__ = [
     "QuantizedLoRALinear",
     "dequantize_linear",
     "DoRALinear",
+    "LoRAExperts",
+    "ExpertsProjection",
     "inject_lora",
     "set_adapter",
     "use_adapter",
