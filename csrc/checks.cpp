@@ -217,9 +217,10 @@ void check_multi_lora_backward_args(const at::Tensor& grad_out, const at::Tensor
               "], got ", grad_out.sizes());
 }
 
-void check_merge_args(const at::Tensor& weight, const at::Tensor& lora_a,
-                      const at::Tensor& lora_b) {
-  constexpr const char* op = "merge_/unmerge_";
+// A weight [out, in] (unit column stride, rows apart) and one adapter's factors
+// lora_a [r, in], lora_b [out, r]: what merging and DoRA's norm both read.
+static void check_weight_and_factors(const at::Tensor& weight, const at::Tensor& lora_a,
+                                     const at::Tensor& lora_b, const char* op) {
   check_float(weight, op, "weight");
   check_float(lora_a, op, "lora_a");
   check_float(lora_b, op, "lora_b");
@@ -235,11 +236,18 @@ void check_merge_args(const at::Tensor& weight, const at::Tensor& lora_a,
   check_same_dtype(weight, "weight", lora_b, op, "lora_b");
   check_same_device(weight, "weight", lora_a, op, "lora_a");
   check_same_device(weight, "weight", lora_b, op, "lora_b");
-  // In place through a row stride: a column slice of a wider matrix is fine.
+  // Read (and for merges written) through a row stride: a column slice of a wider matrix is fine.
   TORCH_CHECK((weight.size(1) <= 1 || weight.stride(1) == 1) &&
                   (weight.size(0) <= 1 || weight.stride(0) >= weight.size(1)),
               op, ": weight must have unit column stride and non-overlapping rows (row stride "
-              ">= in; it is updated in place), got strides ", weight.strides());
+              ">= in), got strides ", weight.strides());
+}
+
+void check_merge_args(const at::Tensor& weight, const at::Tensor& lora_a,
+                      const at::Tensor& lora_b) {
+  constexpr const char* op = "merge_/unmerge_";
+  check_weight_and_factors(weight, lora_a, lora_b, op);
+  // Updated in place: the factors must not alias it.
   check_no_shared_memory(weight, "weight", lora_a, op, "lora_a");
   check_no_shared_memory(weight, "weight", lora_b, op, "lora_b");
 }
@@ -344,26 +352,7 @@ void check_moe_lora_args(const at::Tensor& x, const at::Tensor& a_stack,
 
 void check_dora_weight_norm_args(const at::Tensor& weight, const at::Tensor& lora_a,
                                  const at::Tensor& lora_b) {
-  constexpr const char* op = "dora_weight_norm";
-  check_float(weight, op, "weight");
-  check_float(lora_a, op, "lora_a");
-  check_float(lora_b, op, "lora_b");
-  check_dim(weight, 2, op, "weight", "[out, in]");
-  check_dim(lora_a, 2, op, "lora_a", "[r, in]");
-  check_dim(lora_b, 2, op, "lora_b", "[out, r]");
-  check_size(lora_a, 1, weight.size(1), op, "lora_a", "in, from weight.size(1)");
-  check_size(lora_b, 0, weight.size(0), op, "lora_b", "out, from weight.size(0)");
-  check_size(lora_b, 1, lora_a.size(0), op, "lora_b", "r, from lora_a.size(0)");
-  TORCH_CHECK(lora_a.size(0) >= 1, op, ": rank lora_a.size(0) must be >= 1, got ",
-              lora_a.size(0));
-  check_same_dtype(weight, "weight", lora_a, op, "lora_a");
-  check_same_dtype(weight, "weight", lora_b, op, "lora_b");
-  check_same_device(weight, "weight", lora_a, op, "lora_a");
-  check_same_device(weight, "weight", lora_b, op, "lora_b");
-  TORCH_CHECK((weight.size(1) <= 1 || weight.stride(1) == 1) &&
-                  (weight.size(0) <= 1 || weight.stride(0) >= weight.size(1)),
-              op, ": weight must have unit column stride and non-overlapping rows, got strides ",
-              weight.strides());
+  check_weight_and_factors(weight, lora_a, lora_b, "dora_weight_norm");
 }
 
 void check_multi_dora_add_args(const at::Tensor& y, const at::Tensor& x,
