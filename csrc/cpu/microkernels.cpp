@@ -19,7 +19,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
 #endif
 
@@ -39,6 +39,9 @@ struct Impl {
   static constexpr int64_t kOutBlock = 4 * kVL;
   // Register budget: AVX512 has 32 vector registers, AVX2 16.
   static constexpr int kMaxRows = Vec::size() * sizeof(Acc) >= 64 ? 4 : 2;
+  // expand's rows per block: ROWS * 4 accumulators plus ROWS broadcasts and a B vector
+  // (AVX2: 3 rows fill the 16 registers; 2 left half the FMA pipes' latency uncovered).
+  static constexpr int kExpandRows = kMaxRows == 2 && std::is_same_v<Acc, float> ? 3 : kMaxRows;
   // bf16 in the AVX512BF16 build: the CPU's bf16 dot products (products of bf16 are
   // exact in fp32, at twice the fp32 FMA rate) in shrink and merge_tile.
 #if defined(__AVX512BF16__)
@@ -431,11 +434,104 @@ struct Impl {
   }
 #endif
 
+#if defined(CPU_CAPABILITY_AVX2)
+  // AVX2 (16 vector registers): 8-rank panels of fp32 A, one k per step, so a row's
+  // broadcast x[k] meets each panel in one FMA and every lane is one rank's sum (no
+  // reduction). Two panels x six rows (12 accumulators) per block; an odd last panel
+  // runs twelve rows. fp32 only: 16-bit x would need a conversion per broadcast.
+  static constexpr bool kHasPanels = std::is_same_v<T, float>;
+  static constexpr int64_t kPanelRanks = 8;
+  static constexpr int64_t kPanelChunk = 256;  // k per pass: two panels' 16 KB stay in L1
+
+  static void pack_at(const T* a, int64_t rank, int64_t in, void* at) {
+    auto* out = static_cast<float*>(at);
+    for (int64_t j0 = 0; j0 < rank; j0 += kPanelRanks) {
+      float* panel = out + (j0 / kPanelRanks) * in * kPanelRanks;
+      const int64_t m = std::min<int64_t>(kPanelRanks, rank - j0);
+      for (int64_t k = 0; k < in; ++k) {
+        for (int64_t l = 0; l < m; ++l) panel[k * kPanelRanks + l] = a[(j0 + l) * in + k];
+        for (int64_t l = m; l < kPanelRanks; ++l) panel[k * kPanelRanks + l] = 0.f;
+      }
+    }
+  }
+
+  // ROWS rows x G panels over k in [k0, k1), added to the partial sums in xa (written,
+  // with `first`).
+  template <int ROWS, int G>
+  static void panel_block(const T* const* x_rows, Acc* const* xa_rows, const float* at, int64_t in,
+                          int64_t g0, int64_t k0, int64_t k1, bool first) {
+    const float* panels[G];
+    for (int gg = 0; gg < G; ++gg) panels[gg] = at + (g0 + gg) * in * kPanelRanks;
+    __m256 acc[ROWS][G];
+#pragma GCC unroll 16
+    for (int r = 0; r < ROWS; ++r)
+#pragma GCC unroll 4
+      for (int gg = 0; gg < G; ++gg) acc[r][gg] = _mm256_setzero_ps();
+    for (int64_t k = k0; k < k1; ++k) {
+      __m256 pv[G];
+#pragma GCC unroll 4
+      for (int gg = 0; gg < G; ++gg) pv[gg] = _mm256_loadu_ps(panels[gg] + k * kPanelRanks);
+#pragma GCC unroll 16
+      for (int r = 0; r < ROWS; ++r) {
+        const __m256 xb = _mm256_broadcast_ss(x_rows[r] + k);
+#pragma GCC unroll 4
+        for (int gg = 0; gg < G; ++gg) acc[r][gg] = _mm256_fmadd_ps(xb, pv[gg], acc[r][gg]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < ROWS; ++r) {
+#pragma GCC unroll 4
+      for (int gg = 0; gg < G; ++gg) {
+        Acc* xa = xa_rows[r] + (g0 + gg) * kPanelRanks;
+        _mm256_storeu_ps(xa, first ? acc[r][gg] : _mm256_add_ps(acc[r][gg], _mm256_loadu_ps(xa)));
+      }
+    }
+  }
+
+  template <int G>
+  static void panel_rows(const T* const* x_rows, Acc* const* xa_rows, int64_t nrows,
+                         const float* at, int64_t in, int64_t g0, int64_t k0, int64_t k1,
+                         bool first) {
+    constexpr int kRows = 12 / G;
+    int64_t i = 0;
+    const auto run = [&](auto rows_tag) {
+      constexpr int R = decltype(rows_tag)::value;
+      panel_block<R, G>(x_rows + i, xa_rows + i, at, in, g0, k0, k1, first);
+      i += R;
+    };
+    while (i + kRows <= nrows) run(std::integral_constant<int, kRows>{});
+    if constexpr (kRows > 4) if (i + 4 <= nrows) run(std::integral_constant<int, 4>{});
+    if constexpr (kRows > 2) if (i + 2 <= nrows) run(std::integral_constant<int, 2>{});
+    while (i < nrows) run(std::integral_constant<int, 1>{});
+  }
+
+  // xa_rows[i][j] = sum_k x_rows[i][k] a[j][k] from pack_at's panels; writes whole
+  // panels (zeros past the rank): xa rows are padded (microkernels.h).
+  static void shrink_panels(const T* const* x_rows, Acc* const* xa_rows, int64_t nrows,
+                            const void* at_packed, int64_t rank, int64_t in) {
+    const auto* at = static_cast<const float*>(at_packed);
+    const int64_t groups = (rank + kPanelRanks - 1) / kPanelRanks;
+    for (int64_t k0 = 0; k0 < in; k0 += kPanelChunk) {
+      const int64_t k1 = std::min(in, k0 + kPanelChunk);
+      for (int64_t g = 0; g + 2 <= groups; g += 2)
+        panel_rows<2>(x_rows, xa_rows, nrows, at, in, g, k0, k1, k0 == 0);
+      if (groups % 2 == 1) panel_rows<1>(x_rows, xa_rows, nrows, at, in, groups - 1, k0, k1, k0 == 0);
+    }
+  }
+#endif
+
   // Bytes of pack_at's panels for (rank, in), or 0 where this build has no packed
   // shrink for T, for an `in` that is not a whole number of steps (the last would read
   // past x's row), or for a single panel (a broadcast per FMA: slower than the
   // dot-product shrink).
   static int64_t panel_bytes(int64_t rank, int64_t in) {
+#if defined(CPU_CAPABILITY_AVX2)
+    // One panel (rank <= 8) does one FMA per broadcast: the dot-product shrink is faster.
+    if constexpr (kHasPanels) {
+      const int64_t groups = (rank + kPanelRanks - 1) / kPanelRanks;
+      return groups >= 2 ? groups * in * kPanelRanks * 4 : 0;
+    }
+#endif
 #if defined(CPU_CAPABILITY_AVX512)
     if constexpr (kHasPanels) {
       const int64_t units = units_per_rank(rank), step_k = units * kUnitK;
@@ -505,11 +601,11 @@ struct Impl {
     for (int r = 0; r < ROWS; ++r)
       for (int v = 0; v < NV; ++v) acc[r][v] = Vec(Acc(0));
     for (int64_t j = 0; j < rank; ++j) {
-      Vec bv[NV];
-      for (int v = 0; v < NV; ++v) bv[v] = Vec::loadu(bt + j * kOutBlock + v * kVL);
-      for (int r = 0; r < ROWS; ++r) {
-        const Vec xv(xa_rows[r][j]);
-        for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(xv, bv[v], acc[r][v]);
+      Vec xv[ROWS];
+      for (int r = 0; r < ROWS; ++r) xv[r] = Vec(xa_rows[r][j]);
+      for (int v = 0; v < NV; ++v) {
+        const Vec bv = Vec::loadu(bt + j * kOutBlock + v * kVL);
+        for (int r = 0; r < ROWS; ++r) acc[r][v] = at::vec::fmadd(xv[r], bv, acc[r][v]);
       }
     }
     // Index acc with constants only (see merge_block).
@@ -706,9 +802,14 @@ struct Impl {
   static void expand(const Acc* const* xa_rows, const T* const* base_rows, T* const* y_rows,
                      int64_t nrows, const Acc* bt, int64_t rank, int64_t nout, Acc scale) {
     int64_t i = 0;
-    for (; i + kMaxRows <= nrows; i += kMaxRows)
-      expand_block<kMaxRows>(xa_rows + i, base_rows ? base_rows + i : nullptr, y_rows + i, bt,
-                             rank, nout, scale);
+    for (; i + kExpandRows <= nrows; i += kExpandRows)
+      expand_block<kExpandRows>(xa_rows + i, base_rows ? base_rows + i : nullptr, y_rows + i, bt,
+                                rank, nout, scale);
+    if constexpr (kExpandRows > 2) {
+      for (; i + 2 <= nrows; i += 2)
+        expand_block<2>(xa_rows + i, base_rows ? base_rows + i : nullptr, y_rows + i, bt, rank,
+                        nout, scale);
+    }
     for (; i < nrows; ++i)
       expand_block<1>(xa_rows + i, base_rows ? base_rows + i : nullptr, y_rows + i, bt, rank,
                       nout, scale);
@@ -1014,7 +1115,7 @@ struct Impl {
   }
 
   static MicroKernels<T> table() {
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
     constexpr bool panels = kHasPanels;
 #else
     constexpr bool panels = false;
@@ -1022,7 +1123,7 @@ struct Impl {
     MicroKernels<T> t{C10_STRINGIZE(CPU_CAPABILITY), kBf16Pairs, kOutBlock, &shrink,
                       &pack_bt, &expand, &expand_dot, &merge_tile, static_cast<int>(2 * kVL),
                       &rank_outer, &panel_bytes, nullptr, nullptr};
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
     if constexpr (panels) {
       t.pack_at = &pack_at;
       t.shrink_panels = &shrink_panels;
