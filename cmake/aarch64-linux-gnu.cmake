@@ -26,8 +26,11 @@ set(CMAKE_FIND_ROOT_PATH_MODE_LIBRARY ONLY)
 set(CMAKE_FIND_ROOT_PATH_MODE_INCLUDE ONLY)
 set(CMAKE_FIND_ROOT_PATH_MODE_PACKAGE BOTH)
 
+# -Wno-psabi: GCC notes on every ATen vector pair that GCC 10.1 changed how aarch64
+# passes them; everything here is built by one compiler, so it does not apply.
+set(CMAKE_CXX_FLAGS_INIT "-Wno-psabi")
 if(LORA_EXT_AARCH64_SYSROOT)
   # Debian's pyconfig.h is a switch over architectures that includes
   # <aarch64-linux-gnu/python3.11/pyconfig.h>: that path is relative to usr/include.
-  set(CMAKE_CXX_FLAGS_INIT "-isystem ${LORA_EXT_AARCH64_SYSROOT}/usr/include")
+  string(APPEND CMAKE_CXX_FLAGS_INIT " -isystem ${LORA_EXT_AARCH64_SYSROOT}/usr/include")
 endif()

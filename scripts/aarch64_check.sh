@@ -61,7 +61,8 @@ sysroot=$work/sysroot
 if [ ! -f "$sysroot/usr/include/aarch64-linux-gnu/python$pyver/pyconfig.h" ]; then
   step "downloading libpython$pyver-dev:arm64"
   mkdir -p "$work/debs" && rm -rf "$sysroot"
-  (cd "$work/debs" && apt-get download -qq "libpython$pyver-dev:arm64")
+  # As root into build/, which apt's sandbox user may not reach: download as root.
+  (cd "$work/debs" && apt-get download -qq -o APT::Sandbox::User=root "libpython$pyver-dev:arm64")
   dpkg -x "$work"/debs/libpython"$pyver"-dev_*_arm64.deb "$sysroot"
 fi
 
