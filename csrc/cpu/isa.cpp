@@ -1,5 +1,7 @@
 // Picks the micro-kernel build for the running CPU, once per process.
 // LORA_EXT_CPU_ISA=default|avx2|avx512|avx512bf16 forces one (for tests and comparisons).
+// Builds for other architectures have only `default`: ATen's vectors for the compiler's
+// baseline there (NEON on aarch64).
 #include "microkernels.h"
 
 #include <c10/util/Exception.h>
@@ -37,6 +39,14 @@ Isa best_supported_isa() {
   return Isa::kDefault;
 }
 
+// What LORA_EXT_CPU_ISA may name on this CPU with this build, for the error message.
+std::string usable_isas(Isa best) {
+  constexpr const char* kNames[] = {"default", "avx2", "avx512", "avx512bf16"};
+  std::string names = kNames[0];
+  for (int i = 1; i <= static_cast<int>(best); ++i) names += std::string(", ") + kNames[i];
+  return names;
+}
+
 Isa selected_isa() {
   static const Isa isa = [] {
     const Isa best = best_supported_isa();
@@ -50,7 +60,7 @@ Isa selected_isa() {
                       : want == "avx2"     ? Isa::kAvx2
                                            : Isa::kDefault;
     TORCH_CHECK(static_cast<int>(asked) <= static_cast<int>(best), "LORA_EXT_CPU_ISA=", want,
-                " is not supported by this CPU or build");
+                " is not supported by this CPU or build (usable here: ", usable_isas(best), ")");
     return asked;
   }();
   return isa;
