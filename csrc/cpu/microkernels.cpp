@@ -951,6 +951,13 @@ struct Impl {
     alignas(64) Acc d[ROWS][kCols];
     for (int64_t k = 0; k < in; k += kCols) {
       const int64_t ncols = std::min<int64_t>(kCols, in - k);
+      // The weight rows' lines a few blocks ahead: their DRAM latency hides behind this
+      // block's FMAs (the hardware prefetcher alone left merge_ compute + memory).
+      constexpr int64_t kAhead = 8 * kCols;
+      if (k + kAhead < in) {
+#pragma GCC unroll 16
+        for (int r = 0; r < ROWS; ++r) __builtin_prefetch(w + r * ldw + k + kAhead, 1, 0);
+      }
       Vec acc[ROWS][2];
       if (kBf16Pairs && ncols == kCols && a_pairs != nullptr) {
         pair_block<ROWS>(a_pairs, b_pairs, (rank + 1) / 2, in, k, acc);
@@ -998,8 +1005,9 @@ struct Impl {
                             int64_t* overflow_offset, T* overflow_value,
                             int64_t overflow_count) {
     const bool verify = mode == MergeMode::kExactVerify;
-    // Eight rows share each load of `a` with 32 vector registers (16 accumulators), four with 16.
-    constexpr int kRows = kMaxRows * 2;
+    // Eight rows share each load of `a` with 32 vector registers (16 accumulators); six
+    // with 16 (12 accumulators: four rows' 8 leave the two FMA pipes waiting on latency).
+    constexpr int kRows = kMaxRows == 2 && std::is_same_v<Acc, float> ? 6 : kMaxRows * 2;
     int64_t overflows = 0;
     int64_t r = 0;
     auto step = [&](auto rows_tag) {
@@ -1013,6 +1021,7 @@ struct Impl {
       r += R;
     };
     while (r + kRows <= nrows) step(std::integral_constant<int, kRows>{});
+    if constexpr (kRows > 4) while (r + 4 <= nrows) step(std::integral_constant<int, 4>{});
     while (r + 2 <= nrows) step(std::integral_constant<int, 2>{});
     while (r < nrows) step(std::integral_constant<int, 1>{});
     return overflows;
