@@ -128,9 +128,19 @@ class Ceilings:
             self.gemm_gflops[key] = 2 * n**3 / (v["median_ms"] * 1e-3) / 1e9
         return self.gemm_gflops[key]
 
+    def compute_rate(self, dtype: torch.dtype) -> float:
+        """The rate the compute floor assumes for dtype: its GEMM's, or on the CPU for a
+        16-bit dtype the fp32 GEMM's where that is higher. A CPU without bf16/fp16
+        arithmetic (AVX2) runs ATen's 16-bit GEMM hundreds of times slower than converting
+        to fp32 and multiplying there, which any kernel may do."""
+        rate = self.gemm(dtype)
+        if self.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+            rate = max(rate, self.gemm(torch.float32))
+        return rate
+
     def floors(self, res: dict, dtype: torch.dtype) -> None:
         res["memory_floor_ms"] = res["bytes"] / (self.copy_gbps * 1e9) * 1e3
-        res["compute_floor_ms"] = res["flops"] / (self.gemm(dtype) * 1e9) * 1e3
+        res["compute_floor_ms"] = res["flops"] / (self.compute_rate(dtype) * 1e9) * 1e3
 
 
 # ---------------------------------------------------------------------------

@@ -71,9 +71,14 @@ def main(argv=None) -> int:
     p.add_argument("--cpp", metavar="BIN", help="also run the C++ harness BIN and embed its results")
     p.add_argument("--cpp-json", metavar="FILE", help="embed results the C++ harness wrote earlier (--json)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--isa", metavar="BUILDS", help="'all' or a comma list of CPU kernel builds (default, avx2, "
+                   "avx512, avx512bf16): W1, W3, W6, W12 once per build, each in its own process with its own "
+                   "floors -> isa.{json,md} in --out (benchmarks/isa_runs.py)")
     p.add_argument("--w10-json", metavar="DIR", help="W10 from the per-dtype results vllm_w10.py wrote in DIR")
     p.add_argument("--w10-dtypes", default="float32,bfloat16", help="W10's dtypes (default float32,bfloat16)")
     args = p.parse_args(argv)
+    if args.isa:
+        return per_isa(args, sys.argv[1:] if argv is None else argv)
     defaults = preset("tiny" if args.tiny else "default")  # benchmarks/shapes.txt, shared with the C++ harness
     for k, v in defaults.items():
         if getattr(args, k) is None:
@@ -166,6 +171,27 @@ def main(argv=None) -> int:
     if failed:
         print(f"lora_ext disagrees with its baseline in {failed}", file=sys.stderr)
         return 1
+    return 0
+
+
+def per_isa(args, argv: list[str]) -> int:
+    from isa_runs import markdown as isa_markdown, rows, run_isas
+
+    runs = run_isas(args.isa, argv, Path(args.out))
+    report = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + argv),
+        "machine": {"cpu": cpu_name(), "threads": args.threads or torch.get_num_threads(),
+                    "torch": torch.__version__, "python": platform.python_version()},
+        "runs": runs,
+        "rows": rows(runs),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "isa.json").write_text(json.dumps(report, indent=1) + "\n")
+    md = isa_markdown(runs, report["command"], report["machine"], report["date"])
+    (out / "isa.md").write_text(md)
+    print(md)
     return 0
 
 

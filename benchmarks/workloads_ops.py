@@ -282,7 +282,7 @@ def prefill_rate_workloads(device, args, ceil) -> list[dict]:
                 res = result(f"W12-{phase}", f"prefill {phase}: T={T}, {d_in} -> {d_out}, r={r}, one adapter",
                               device, dtype, flops, bytes_, variants, err, {"rank": r})
                 ceil.floors(res, dtype)
-                gemm = ceil.gemm(dtype)
+                gemm = ceil.compute_rate(dtype)
                 res["extra"].update(
                     gflops=flops / median(res, "lora_ext") / 1e6,
                     rate_over_gemm=flops / median(res, "lora_ext") / 1e6 / gemm,
