@@ -32,6 +32,7 @@ typedef double F64x2 __attribute__((vector_size(16)));
 typedef uint32_t U32x4 __attribute__((vector_size(16)));
 typedef uint64_t U64x2 __attribute__((vector_size(16)));
 typedef uint16_t U16x4 __attribute__((vector_size(8)));
+typedef uint16_t U16x8 __attribute__((vector_size(16)));
 }  // namespace portable_vec
 
 template <typename A>
@@ -82,9 +83,14 @@ class PortableVec {
   C10_ALWAYS_INLINE static PortableVec load_from(const T* p, int64_t count = size()) {
     static_assert(std::is_same_v<A, float> && sizeof(T) == 2);
     if constexpr (std::is_same_v<T, c10::BFloat16>) {
-      portable_vec::U16x4 h = {};
-      std::memcpy(&h, p, count * sizeof(T));
-      return of_bits(__builtin_convertvector(h, Bits) << 16);  // exact: bf16 is fp32's top half
+      // bf16 is fp32's top half: interleave zeros below (one unpack instruction on SSE2;
+      // __builtin_convertvector and a shift compile to seven).
+      // (Through a 64-bit integer: a partial copy into the vector would go through memory.)
+      uint64_t four = 0;
+      std::memcpy(&four, p, count * sizeof(T));
+      const auto h = reinterpret_cast<portable_vec::U16x8>(portable_vec::U64x2{four, 0});
+      return of_bits(reinterpret_cast<Bits>(
+          __builtin_shufflevector(portable_vec::U16x8{}, h, 0, 8, 1, 9, 2, 10, 3, 11)));
     } else {
       alignas(16) A buf[size()] = {};
       for (int64_t i = 0; i < count; ++i) buf[i] = static_cast<A>(p[i]);
@@ -98,9 +104,11 @@ class PortableVec {
     if constexpr (std::is_same_v<T, c10::BFloat16>) {
       // c10::BFloat16(float): round to nearest even; any NaN becomes 0x7FC0.
       const Bits u = bits();
-      const Bits rounded = (u + ((u >> 16) & 1) + 0x7FFF) >> 16;
+      // The result in each lane's top half, whose 16-bit pieces are then gathered.
+      const Bits rounded = u + ((u >> 16) & 1) + 0x7FFF;
       const Bits nan = reinterpret_cast<Bits>(v_ != v_);
-      const auto h = __builtin_convertvector((rounded & ~nan) | (nan & 0x7FC0), portable_vec::U16x4);
+      const auto halves = reinterpret_cast<portable_vec::U16x8>((rounded & ~nan) | (nan & 0x7FC00000));
+      const portable_vec::U16x4 h = __builtin_shufflevector(halves, halves, 1, 3, 5, 7);
       std::memcpy(p, &h, count * sizeof(T));
     } else {
       alignas(16) A buf[size()];
@@ -133,7 +141,8 @@ class PortableVec {
   // The sum of the lanes, always in the same order: (v0 + v2) + (v1 + v3).
   C10_ALWAYS_INLINE friend A reduce_add(const PortableVec& v) {
     if constexpr (size() == 4) {
-      return (v.v_[0] + v.v_[2]) + (v.v_[1] + v.v_[3]);
+      const Raw h = v.v_ + __builtin_shufflevector(v.v_, v.v_, 2, 3, 0, 1);
+      return h[0] + h[1];
     } else {
       return v.v_[0] + v.v_[1];
     }
