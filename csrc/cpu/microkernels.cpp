@@ -1,5 +1,6 @@
 // Vectorised inner loops, compiled once per instruction set (see CMakeLists.txt:
-// CPU_CAPABILITY is DEFAULT, AVX2 or AVX512, and ATen's Vectorized<float> follows it).
+// CPU_CAPABILITY is DEFAULT, AVX2 or AVX512, and ATen's Vectorized<float> follows it;
+// vec_default.h stands in for it where ATen has only its scalar fallback).
 // Everything accumulates in fp32 and rounds once when it stores.
 //
 // Keep this file free of parallel loops, allocation and standard-library containers:
@@ -15,6 +16,7 @@
 #pragma GCC optimize("fp-contract=off")
 #endif
 #include "microkernels.h"
+#include "vec_default.h"
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -33,7 +35,8 @@ namespace {
 template <typename T>
 struct Impl {
   using Acc = acc_t<T>;
-  using Vec = at::vec::Vectorized<Acc>;
+  using Vec = vec_t<Acc>;  // ATen's Vectorized, or PortableVec where ATen has none (vec_default.h)
+  static constexpr bool kPortable = is_portable_vec_v<Acc>;
   static constexpr int64_t kVL = Vec::size();
   // Four vectors of outputs per expand call: enough independent accumulators per row.
   static constexpr int64_t kOutBlock = 4 * kVL;
@@ -55,6 +58,8 @@ struct Impl {
   static Vec load(const T* p) {
     if constexpr (std::is_same_v<T, Acc>) {
       return Vec::loadu(p);
+    } else if constexpr (kPortable) {
+      return Vec::load_from(p);
     } else {
       Vec out;
       at::vec::load_to_float<T>(p, out);
@@ -66,6 +71,8 @@ struct Impl {
   static Vec load(const T* p, int64_t count) {
     if constexpr (std::is_same_v<T, Acc>) {
       return Vec::loadu(p, count);
+    } else if constexpr (kPortable) {
+      return Vec::load_from(p, count);
     } else {
       const auto [lo, hi] = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p, count));
       return lo;
@@ -77,6 +84,9 @@ struct Impl {
     if constexpr (std::is_same_v<T, Acc>) {
       v0 = Vec::loadu(p);
       v1 = Vec::loadu(p + kVL);
+    } else if constexpr (kPortable) {
+      v0 = Vec::load_from(p);
+      v1 = Vec::load_from(p + kVL);
     } else {
       at::vec::load_to_float<T>(p, v0, v1);
     }
@@ -86,6 +96,9 @@ struct Impl {
     if constexpr (std::is_same_v<T, Acc>) {
       v0.store(p);
       v1.store(p + kVL);
+    } else if constexpr (kPortable) {
+      v0.store_to(p);
+      v1.store_to(p + kVL);
     } else {
       at::vec::convert_from_float<T>(v0, v1).store(p);
     }
@@ -115,6 +128,8 @@ struct Impl {
 #endif
     if constexpr (std::is_same_v<T, Acc>) {
       v.store(p);
+    } else if constexpr (kPortable) {
+      v.store_to(p);
     } else {
       at::vec::convert_from_float<T>(v, v).store(p, kVL);
     }
@@ -141,11 +156,15 @@ struct Impl {
         av[jj] = count == kStep ? load(ap[jj] + k) : load(ap[jj] + k, count);
       for (int r = 0; r < ROWS; ++r) {
         const Vec xv = count == kStep ? load(x_rows[r] + k) : load(x_rows[r] + k, count);
-        for (int jj = 0; jj < JB; ++jj) acc[r][jj] = at::vec::fmadd(xv, av[jj], acc[r][jj]);
+        for (int jj = 0; jj < JB; ++jj) acc[r][jj] = fmadd(xv, av[jj], acc[r][jj]);
       }
     }
     static Acc reduce(const Accum& v) {
-      return at::vec::vec_reduce_all<Acc>([](const Vec& p, const Vec& q) { return p + q; }, v);
+      if constexpr (kPortable) {
+        return reduce_add(v);
+      } else {
+        return at::vec::vec_reduce_all<Acc>([](const Vec& p, const Vec& q) { return p + q; }, v);
+      }
     }
   };
 
@@ -605,7 +624,7 @@ struct Impl {
       for (int r = 0; r < ROWS; ++r) xv[r] = Vec(xa_rows[r][j]);
       for (int v = 0; v < NV; ++v) {
         const Vec bv = Vec::loadu(bt + j * kOutBlock + v * kVL);
-        for (int r = 0; r < ROWS; ++r) acc[r][v] = at::vec::fmadd(xv[r], bv, acc[r][v]);
+        for (int r = 0; r < ROWS; ++r) acc[r][v] = fmadd(xv[r], bv, acc[r][v]);
       }
     }
     // Index acc with constants only (see merge_block).
@@ -725,7 +744,7 @@ struct Impl {
     for (; j + kVL <= rank; j += kVL) {
       const Vec xv = Vec::loadu(xa_pad + j);
 #pragma GCC unroll 16
-      for (int q = 0; q < kRows; ++q) acc[q] = at::vec::fmadd(load(b + q * ldb + j), xv, acc[q]);
+      for (int q = 0; q < kRows; ++q) acc[q] = fmadd(load(b + q * ldb + j), xv, acc[q]);
     }
     if (j == rank) return;
     const int64_t count = rank - j;
@@ -738,11 +757,11 @@ struct Impl {
       const Vec lane_mask = Vec::set(zero, zero == zero /* every bit set */, count);
 #pragma GCC unroll 16
       for (int q = 0; q < kRows; ++q)
-        acc[q] = at::vec::fmadd(load(b + q * ldb + j) & lane_mask, xv, acc[q]);
+        acc[q] = fmadd(load(b + q * ldb + j) & lane_mask, xv, acc[q]);
     } else {
 #pragma GCC unroll 16
       for (int q = 0; q < kRows; ++q)
-        acc[q] = at::vec::fmadd(load(b + q * ldb + j, count), xv, acc[q]);
+        acc[q] = fmadd(load(b + q * ldb + j, count), xv, acc[q]);
     }
   }
 
@@ -753,7 +772,11 @@ struct Impl {
                          int64_t rank, int64_t nout, Acc scale) {
     constexpr int kOuts = 4;
     const auto reduce = [](const Vec& v) {
-      return at::vec::vec_reduce_all<Acc>([](const Vec& p, const Vec& q) { return p + q; }, v);
+      if constexpr (kPortable) {
+        return reduce_add(v);
+      } else {
+        return at::vec::vec_reduce_all<Acc>([](const Vec& p, const Vec& q) { return p + q; }, v);
+      }
     };
     int64_t o_paired = 0;  // outputs [0, o_paired) done for every row by expand_pairs
 #if defined(CPU_CAPABILITY_AVX512)
@@ -920,8 +943,8 @@ struct Impl {
         const Vec a0 = Vec::loadu(a + j * in + k), a1 = Vec::loadu(a + j * in + k + kVL);
         for (int r = 0; r < ROWS; ++r) {
           const Vec bv(b[r * rank + j]);
-          acc[r][0] = at::vec::fmadd(bv, a0, acc[r][0]);
-          acc[r][1] = at::vec::fmadd(bv, a1, acc[r][1]);
+          acc[r][0] = fmadd(bv, a0, acc[r][0]);
+          acc[r][1] = fmadd(bv, a1, acc[r][1]);
         }
       }
       return;
@@ -932,8 +955,8 @@ struct Impl {
       const Vec a1 = n1 > 0 ? Vec::loadu(a + j * in + k + kVL, n1) : Vec(Acc(0));
       for (int r = 0; r < ROWS; ++r) {
         const Vec bv(b[r * rank + j]);
-        acc[r][0] = at::vec::fmadd(bv, a0, acc[r][0]);
-        acc[r][1] = at::vec::fmadd(bv, a1, acc[r][1]);
+        acc[r][0] = fmadd(bv, a0, acc[r][0]);
+        acc[r][1] = fmadd(bv, a1, acc[r][1]);
       }
     }
   }
@@ -972,7 +995,7 @@ struct Impl {
           T* wr = w + r * ldw + k;
           Vec w0, w1;
           load2(wr, w0, w1);
-          store2(wr, at::vec::fmadd(acc[r][0], vscale, w0), at::vec::fmadd(acc[r][1], vscale, w1));
+          store2(wr, fmadd(acc[r][0], vscale, w0), fmadd(acc[r][1], vscale, w1));
         }
         continue;
       }
@@ -1007,7 +1030,9 @@ struct Impl {
     const bool verify = mode == MergeMode::kExactVerify;
     // Eight rows share each load of `a` with 32 vector registers (16 accumulators); six
     // with 16 (12 accumulators: four rows' 8 leave the two FMA pipes waiting on latency).
-    constexpr int kRows = kMaxRows == 2 && std::is_same_v<Acc, float> ? 6 : kMaxRows * 2;
+    // (Not the portable build: without FMA a product needs a register of its own, and
+    // six rows spill there: 15% slower.)
+    constexpr int kRows = kMaxRows == 2 && std::is_same_v<Acc, float> && !kPortable ? 6 : kMaxRows * 2;
     int64_t overflows = 0;
     int64_t r = 0;
     auto step = [&](auto rows_tag) {
@@ -1088,7 +1113,7 @@ struct Impl {
             // Past the rank, alias its last row: computed, never stored.
             const Vec b(lt[jj < jn ? jj : jn - 1]);
 #pragma GCC unroll 4
-            for (int v = 0; v < NV; ++v) acc[jj][v] = at::vec::fmadd(b, xv[v], acc[jj][v]);
+            for (int v = 0; v < NV; ++v) acc[jj][v] = fmadd(b, xv[v], acc[jj][v]);
           }
         }
         if (whole) {
