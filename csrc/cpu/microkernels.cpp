@@ -251,7 +251,7 @@ struct Impl {
   // Packed shrink (prefill): A transposed into panels, so each step of k is one vector
   // of a panel times one broadcast of x per row, accumulated along the rank (a GEMM
   // micro-kernel; the dot-product form above reads both operands along k and reduces
-  // every (row, rank) pair). AVX-512 only, fp32 and bf16 (AVX512BF16 build).
+  // every (row, rank) pair). AVX-512: fp32 and bf16 (AVX512BF16 build); AVX2 has its own below.
   //
   // A's rows are read as 32-bit units: one fp32 k, or a bf16 pair of k. A panel step
   // is 64 bytes: U consecutive units of each of the panel's 16 / U ranks, side by side.
