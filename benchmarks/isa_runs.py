@@ -40,7 +40,7 @@ def strip_option(argv: list[str], name: str) -> list[str]:
     return out
 
 
-def run_isas(isas: str, argv: list[str], out_dir: Path) -> dict:
+def run_isas(isas: str, argv: list[str]) -> dict:
     """Runs run.py once per build in `isas` ('all' or a comma list) with argv (minus
     --isa, --workloads, --device, --out); returns {build: report, or {'skipped': why}}."""
     names = ISAS if isas == "all" else [i.strip() for i in isas.split(",") if i.strip()]

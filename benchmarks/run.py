@@ -177,7 +177,7 @@ def main(argv=None) -> int:
 def per_isa(args, argv: list[str]) -> int:
     from isa_runs import markdown as isa_markdown, rows, run_isas
 
-    runs = run_isas(args.isa, argv, Path(args.out))
+    runs = run_isas(args.isa, argv)
     report = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + argv),
